@@ -1,0 +1,544 @@
+"""The configuration tree and how it is assembled from its four sources.
+
+Precedence, lowest first: built-in defaults < JSON file < environment < command
+line. Every value remembers where it came from, so a bad one is reported as one
+line naming the setting, the value and its source, e.g.::
+
+    server.port = "eighty" (config file ntonix.json): expected an integer
+
+Environment rule: every setting ``section.key`` is read from
+``NTONIX_<SECTION>_<KEY>`` (upper case), e.g. ``NTONIX_PROXY_RETRIES``. The
+short seed names (``NTONIX_PORT``, ``NTONIX_SSL_PORT``, ``NTONIX_THREADS``,
+``NTONIX_LOG_LEVEL``, ``NTONIX_BACKENDS``, ``NTONIX_CONFIG``) are aliases; when
+both spellings are set, the long one wins.
+"""
+
+import json
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import attrs
+from attrs import field, frozen
+
+ENV_PREFIX = "NTONIX_"
+DEFAULT_SOURCE = "default"
+
+
+class ConfigError(Exception):
+    """One or more settings are invalid; ``lines`` has one message per problem."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = list(lines)
+
+
+def setting(
+    default: Any = attrs.NOTHING,
+    *,
+    help: str,
+    min: Optional[float] = None,
+    max: Optional[float] = None,
+    choices: Optional[Sequence[str]] = None,
+    factory: Optional[Callable[[], Any]] = None,
+    cli: Optional[str] = None,
+    restart: bool = False,
+) -> Any:
+    """An attrs field carrying what validation and documentation need.
+
+    ``restart`` marks settings that a SIGHUP reload cannot change.
+    """
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "cli": cli,
+            "restart": restart}
+    if factory is not None:
+        return field(factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@frozen
+class ServerConfig:
+    port: int = setting(8080, min=0, max=65535, cli="--port", restart=True,
+                        help="plain HTTP listening port (0 picks a free one)")
+    ssl_port: int = setting(8443, min=0, max=65535, cli="--ssl-port", restart=True,
+                            help="HTTPS listening port, used when ssl.enabled")
+    threads: int = setting(1, min=1, max=256, cli="--threads", restart=True,
+                           help="reactor processes sharing the listening sockets")
+    bind_address: str = setting("0.0.0.0", cli="--bind", restart=True,
+                                help="address the listeners bind to")
+    max_body_bytes: int = setting(10 * 1024 * 1024, min=1,
+                                  help="largest request body accepted (else 413)")
+    max_headers: int = setting(100, min=1, max=10000,
+                               help="most request header lines accepted (else 431)")
+    max_header_bytes: int = setting(16384, min=256,
+                                    help="largest request line plus headers (else 431)")
+    header_timeout_seconds: float = setting(10.0, min=0.001,
+                                            help="deadline to receive a whole request head")
+    body_timeout_seconds: float = setting(60.0, min=0.001,
+                                          help="deadline to receive a whole request body")
+    idle_timeout_seconds: float = setting(75.0, min=0.001,
+                                          help="keep-alive connection idle time before close")
+    shutdown_timeout_seconds: float = setting(30.0, min=0,
+                                              help="on SIGTERM, how long in-flight requests may finish")
+
+
+@frozen
+class BackendConfig:
+    host: str = setting(help="backend host name or address")
+    port: int = setting(min=1, max=65535, help="backend port")
+    weight: int = setting(1, min=1, max=1000, help="share of traffic relative to the others")
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@frozen
+class CacheConfig:
+    enabled: bool = setting(True, help="answer repeated deterministic prompts from memory")
+    max_size_mb: float = setting(512, min=0, help="memory bound of the response cache")
+    ttl_seconds: float = setting(3600, min=0, help="how long an answer stays fresh")
+    scope: str = setting("credential", choices=("credential", "global"),
+                         help="share entries across Authorization credentials or not")
+    sampled: bool = setting(False, help="also cache requests with temperature > 0")
+    replay: str = setting("instant", choices=("instant", "paced"),
+                          help="replay cached streams at once or at the recorded pace")
+    max_entry_mb: float = setting(8, min=0, help="largest single cached answer")
+
+
+@frozen
+class SslConfig:
+    enabled: bool = setting(False, restart=True, help="serve HTTPS on server.ssl_port")
+    cert_file: str = setting("", cli="--cert", help="PEM certificate (chain) file")
+    key_file: str = setting("", cli="--key", help="PEM private key file")
+    sni: Dict[str, Any] = setting(factory=dict,
+                                  help='per host name pairs: {"host": {"cert_file", "key_file"}}')
+
+
+@frozen
+class LoggingConfig:
+    level: str = setting("info", choices=("trace", "debug", "info", "warn", "error"),
+                         cli="--log-level", help="lowest level logged")
+    file: str = setting("", cli="--log-file", help="JSON-lines log file; empty logs to stdout")
+    max_file_size_mb: float = setting(100, min=0.001, help="rotate the log file at this size")
+    max_files: int = setting(5, min=1, help="rotated log files kept")
+    enable_console: bool = setting(True, help="human-readable log on stdout")
+    enable_colors: bool = setting(True, help="colour the console log on a TTY")
+
+
+@frozen
+class HealthConfig:
+    interval_seconds: float = setting(5.0, min=0.01, help="time between active health checks")
+    timeout_seconds: float = setting(2.0, min=0.01, help="health check timeout")
+    path: str = setting("/health", help="backend health check path")
+    failure_threshold: int = setting(3, min=1, help="consecutive failures that open a circuit")
+    recovery_seconds: float = setting(10.0, min=0.01, help="open circuit wait before a trial")
+
+
+@frozen
+class ProxyConfig:
+    connect_timeout_seconds: float = setting(5.0, min=0.001, help="backend TCP connect timeout")
+    response_timeout_seconds: float = setting(120.0, min=0.001,
+                                              help="wait for the backend's response head (else 504)")
+    stream_idle_timeout_seconds: float = setting(60.0, min=0.001,
+                                                 help="longest silence between stream chunks")
+    first_token_timeout_seconds: float = setting(30.0, min=0.001,
+                                                 help="wait for a stream's first content event")
+    retries: int = setting(1, min=0, max=10, help="retries on another backend before any byte")
+    pool_size_per_backend: int = setting(10, min=1, help="idle keep-alive connections per backend")
+    pool_idle_seconds: float = setting(60.0, min=0.001, help="close pooled connections idle this long")
+    max_response_bytes: int = setting(64 * 1024 * 1024, min=1,
+                                      help="largest non-streamed backend answer relayed")
+
+
+@frozen
+class BalancerConfig:
+    algorithm: str = setting("weighted_round_robin",
+                             choices=("weighted_round_robin", "least_outstanding"),
+                             help="how a backend is picked")
+
+
+@frozen
+class AdminConfig:
+    enabled: bool = setting(False, restart=True, help="start the SSH manhole console")
+    port: int = setting(2222, min=0, max=65535, restart=True, help="console port")
+    bind: str = setting("127.0.0.1", restart=True, help="console bind address")
+    user: str = setting("admin", help="console user name")
+    authorized_keys: str = setting("", help="authorized_keys file for the console")
+    host_key: str = setting("", help="SSH host private key file")
+
+
+@frozen
+class DemoConfig:
+    enabled: bool = setting(False, cli="--demo", restart=True,
+                            help="start two mock LLM backends in-process and use them")
+    ports: List[int] = setting(factory=lambda: [8001, 8002], restart=True,
+                               help="ports of the demo mock backends")
+
+
+@frozen
+class Config:
+    server: ServerConfig = field(factory=ServerConfig)
+    backends: Tuple[BackendConfig, ...] = field(default=())
+    cache: CacheConfig = field(factory=CacheConfig)
+    ssl: SslConfig = field(factory=SslConfig)
+    logging: LoggingConfig = field(factory=LoggingConfig)
+    health: HealthConfig = field(factory=HealthConfig)
+    proxy: ProxyConfig = field(factory=ProxyConfig)
+    balancer: BalancerConfig = field(factory=BalancerConfig)
+    admin: AdminConfig = field(factory=AdminConfig)
+    demo: DemoConfig = field(factory=DemoConfig)
+    # Where the file part came from, for reloads and the console; not a setting.
+    source_file: Optional[str] = field(default=None)
+
+
+SECTIONS: Dict[str, type] = {
+    f.name: f.type for f in attrs.fields(Config)
+    if f.name not in ("backends", "source_file")
+}
+
+# Short environment names from the seed, mapped to the setting they alias.
+ENV_ALIASES = {
+    "NTONIX_PORT": "server.port",
+    "NTONIX_SSL_PORT": "server.ssl_port",
+    "NTONIX_THREADS": "server.threads",
+    "NTONIX_LOG_LEVEL": "logging.level",
+}
+ENV_BACKENDS = "NTONIX_BACKENDS"
+ENV_CONFIG = "NTONIX_CONFIG"
+
+
+def env_name(key: str) -> str:
+    """The environment variable for ``section.key``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def all_settings() -> List[Tuple[str, attrs.Attribute]]:
+    """Every ``section.key`` with its attrs field, in declaration order."""
+    out = []
+    for section, cls in SECTIONS.items():
+        for f in attrs.fields(cls):
+            out.append((f"{section}.{f.name}", f))
+    return out
+
+
+def default_of(f: attrs.Attribute) -> Any:
+    if isinstance(f.default, attrs.Factory):
+        return f.default.factory()
+    return f.default
+
+
+@frozen
+class Raw:
+    """A value before validation, and where it came from."""
+    value: Any
+    source: str
+    # Text from the environment or the command line is parsed; JSON is typed.
+    text: bool
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _problem(key: str, raw: Raw, why: str) -> str:
+    return f"{key} = {_show(raw.value)} ({raw.source}): {why}"
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(key: str, f: attrs.Attribute, raw: Raw) -> Any:
+    """Turn ``raw`` into the field's type and check its bounds; ConfigError's
+    line on failure."""
+    typ, v, meta = f.type, raw.value, f.metadata
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError([_problem(key, raw, why)])
+
+    if typ is bool:
+        if raw.text:
+            low = str(v).strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise bad("expected true or false")
+        if not isinstance(v, bool):
+            raise bad("expected true or false")
+        return v
+    if typ is int:
+        if raw.text:
+            try:
+                v = int(str(v).strip(), 10)
+            except ValueError:
+                raise bad("expected an integer") from None
+        elif isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            else:
+                raise bad("expected an integer")
+    elif typ is float:
+        if raw.text:
+            try:
+                v = float(str(v).strip())
+            except ValueError:
+                raise bad("expected a number") from None
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad("expected a number")
+        v = float(v)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise bad("expected a finite number")
+    elif typ is str:
+        if not isinstance(v, str):
+            raise bad("expected a string")
+    elif typ == List[int]:
+        if raw.text:
+            parts = [p.strip() for p in str(v).split(",") if p.strip()]
+        elif isinstance(v, list):
+            parts = v
+        else:
+            raise bad("expected a list of integers")
+        out = []
+        for p in parts:
+            try:
+                n = int(p) if raw.text else p
+            except ValueError:
+                raise bad("expected a list of integers") from None
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 65535:
+                raise bad("expected a list of ports (0-65535)")
+            out.append(n)
+        return out
+    elif typ == Dict[str, Any]:
+        if raw.text:
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise bad("expected a JSON object") from None
+        if not isinstance(v, dict):
+            raise bad("expected a JSON object")
+        return v
+
+    lo, hi = meta.get("min"), meta.get("max")
+    if typ in (int, float):
+        if lo is not None and v < lo or hi is not None and v > hi:
+            if hi is None:
+                raise bad(f"must be at least {lo:g}")
+            raise bad(f"must be between {lo:g} and {hi:g}")
+    choices = meta.get("choices")
+    if choices and v not in choices:
+        raise bad("must be one of " + ", ".join(choices))
+    return v
+
+
+def parse_backend_spec(spec: str) -> Tuple[str, int, int]:
+    """``host:port[:weight]`` → parts; ValueError with the reason."""
+    parts = spec.strip().split(":")
+    if len(parts) not in (2, 3) or not parts[0]:
+        raise ValueError("expected host:port[:weight]")
+    host = parts[0]
+    try:
+        port = int(parts[1], 10)
+    except ValueError:
+        raise ValueError("port is not an integer") from None
+    if not 1 <= port <= 65535:
+        raise ValueError("port must be between 1 and 65535")
+    weight = 1
+    if len(parts) == 3:
+        try:
+            weight = int(parts[2], 10)
+        except ValueError:
+            raise ValueError("weight is not an integer") from None
+        if weight < 1:
+            raise ValueError("weight must be at least 1")
+    return host, port, weight
+
+
+def _backends_from(raw: Raw, errors: List[str]) -> List[BackendConfig]:
+    out: List[BackendConfig] = []
+    if raw.text:
+        specs = [s for s in str(raw.value).split(",") if s.strip()]
+        for spec in specs:
+            try:
+                host, port, weight = parse_backend_spec(spec)
+            except ValueError as e:
+                errors.append(f"backends = {_show(spec.strip())} ({raw.source}): {e}")
+                continue
+            out.append(BackendConfig(host, port, weight))
+        return out
+    if not isinstance(raw.value, list):
+        errors.append(_problem("backends", raw, "expected a list of {host, port, weight}"))
+        return out
+    for i, item in enumerate(raw.value):
+        where = f"backends[{i}]"
+        if isinstance(item, str):
+            try:
+                out.append(BackendConfig(*parse_backend_spec(item)))
+            except ValueError as e:
+                errors.append(f"{where} = {_show(item)} ({raw.source}): {e}")
+            continue
+        if not isinstance(item, dict):
+            errors.append(f"{where} = {_show(item)} ({raw.source}): "
+                          "expected an object with host and port")
+            continue
+        unknown = set(item) - {"host", "port", "weight"}
+        if unknown:
+            errors.append(f"{where}.{sorted(unknown)[0]} ({raw.source}): unknown key; "
+                          "expected host, port, weight")
+            continue
+        values = {}
+        before = len(errors)
+        for f in attrs.fields(BackendConfig):
+            if f.name not in item:
+                if f.default is attrs.NOTHING:
+                    errors.append(f"{where}.{f.name} ({raw.source}): missing")
+                continue
+            try:
+                values[f.name] = _coerce(f"{where}.{f.name}", f, Raw(item[f.name], raw.source, False))
+            except ConfigError as e:
+                errors.extend(e.lines)
+        if values.get("host") == "":
+            errors.append(f"{where}.host ({raw.source}): must not be empty")
+        if len(errors) == before:
+            out.append(BackendConfig(**values))
+    return out
+
+
+def read_file_layer(path: str) -> Dict[str, Raw]:
+    """The settings of a JSON config file, flattened to ``section.key``."""
+    source = f"config file {path}"
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read()
+    except OSError as e:
+        raise ConfigError([f"config file {path}: cannot be read: {e.strerror or e}"]) from None
+    try:
+        doc = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"config file {path}: not UTF-8 text"]) from None
+    except ValueError as e:
+        raise ConfigError([f"config file {path}: not valid JSON: {e}"]) from None
+    if not isinstance(doc, dict):
+        raise ConfigError([f"config file {path}: expected a JSON object at the top"])
+    layer: Dict[str, Raw] = {}
+    errors: List[str] = []
+    for section, body in doc.items():
+        if section == "backends":
+            layer["backends"] = Raw(body, source, False)
+            continue
+        if section not in SECTIONS:
+            errors.append(f"{section} ({source}): unknown section; expected one of "
+                          + ", ".join(["backends", *SECTIONS]))
+            continue
+        if not isinstance(body, dict):
+            errors.append(_problem(section, Raw(body, source, False), "expected a JSON object"))
+            continue
+        known = {f.name for f in attrs.fields(SECTIONS[section])}
+        for key, value in body.items():
+            if key not in known:
+                errors.append(f"{section}.{key} ({source}): unknown setting")
+                continue
+            layer[f"{section}.{key}"] = Raw(value, source, False)
+    if errors:
+        raise ConfigError(errors)
+    return layer
+
+
+def read_env_layer(environ: Mapping[str, str]) -> Dict[str, Raw]:
+    """Settings from ``NTONIX_*`` variables; an unknown ``NTONIX_`` name is an
+    error, since it is almost always a typo that would otherwise be ignored."""
+    by_env = {env_name(key): key for key, _ in all_settings()}
+    layer: Dict[str, Raw] = {}
+    errors: List[str] = []
+    # Aliases first so that the long spelling, applied after, wins.
+    for name, key in ENV_ALIASES.items():
+        if name in environ:
+            layer[key] = Raw(environ[name], f"environment {name}", True)
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_ALIASES:
+            continue
+        if name == ENV_BACKENDS:
+            layer["backends"] = Raw(value, f"environment {name}", True)
+        elif name == ENV_CONFIG:
+            continue
+        elif name in by_env:
+            layer[by_env[name]] = Raw(value, f"environment {name}", True)
+        else:
+            errors.append(f"{name} (environment): unknown setting; see `twistd ntonix --help`")
+    if errors:
+        raise ConfigError(errors)
+    return layer
+
+
+def build(layers: Sequence[Mapping[str, Raw]], source_file: Optional[str] = None) -> Config:
+    """Merge ``layers`` (lowest precedence first) over the defaults and validate."""
+    merged: Dict[str, Raw] = {}
+    for layer in layers:
+        merged.update(layer)
+    errors: List[str] = []
+    sections: Dict[str, Dict[str, Any]] = {}
+    for key, f in all_settings():
+        section, name = key.split(".", 1)
+        raw = merged.get(key)
+        if raw is None:
+            continue
+        try:
+            sections.setdefault(section, {})[name] = _coerce(key, f, raw)
+        except ConfigError as e:
+            errors.extend(e.lines)
+    backends: List[BackendConfig] = []
+    if "backends" in merged:
+        backends = _backends_from(merged["backends"], errors)
+        seen: Dict[str, int] = {}
+        for i, b in enumerate(backends):
+            if b.name in seen:
+                errors.append(f"backends = {_show(b.name)} ({merged['backends'].source}): "
+                              "duplicate backend")
+            seen[b.name] = i
+    if errors:
+        raise ConfigError(errors)
+    built = {s: SECTIONS[s](**sections.get(s, {})) for s in SECTIONS}
+    cfg = Config(backends=tuple(backends), source_file=source_file, **built)
+    return _check_combinations(cfg, merged)
+
+
+def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
+    """Rules that involve more than one setting."""
+    errors = []
+    if cfg.ssl.enabled and not (cfg.ssl.cert_file and cfg.ssl.key_file):
+        src = merged.get("ssl.enabled", Raw(True, DEFAULT_SOURCE, False)).source
+        errors.append(f"ssl.enabled = true ({src}): needs ssl.cert_file and ssl.key_file")
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load(
+    cli: Mapping[str, Raw],
+    environ: Mapping[str, str],
+    config_path: Optional[str] = None,
+) -> Config:
+    """Assemble the configuration: defaults < file < environment < CLI.
+
+    ``config_path`` is the ``--config`` value; without it ``NTONIX_CONFIG`` is
+    used; without either, only defaults, environment and CLI apply.
+    """
+    path = config_path or environ.get(ENV_CONFIG) or None
+    layers: List[Mapping[str, Raw]] = []
+    errors: List[str] = []
+    if path:
+        try:
+            layers.append(read_file_layer(path))
+        except ConfigError as e:
+            errors.extend(e.lines)
+    try:
+        layers.append(read_env_layer(environ))
+    except ConfigError as e:
+        errors.extend(e.lines)
+    if errors:
+        raise ConfigError(errors)
+    layers.append(cli)
+    return build(layers, source_file=path)
+
+
+def from_environ() -> Dict[str, str]:
+    return dict(os.environ)

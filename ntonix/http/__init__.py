@@ -1,0 +1,1 @@
+"""The client-facing HTTP side: connection guard, routes, error answers."""

@@ -1,0 +1,54 @@
+"""OpenAI-shaped error answers: ``{"error": {"message", "type", "code"}}``."""
+
+import json
+from http import HTTPStatus
+from typing import Optional
+
+from twisted.web.server import Request
+
+# The OpenAI API's error types, by the status they usually travel with.
+_TYPE_FOR_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+}
+
+
+def error_type(status: int) -> str:
+    return _TYPE_FOR_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_json(status: int, message: str, code: Optional[str] = None,
+               type_: Optional[str] = None) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": type_ or error_type(status), "code": code}},
+        separators=(",", ":"),
+    ).encode()
+
+
+def write_error(request: Request, status: int, message: str, code: Optional[str] = None,
+                type_: Optional[str] = None) -> bytes:
+    """Set status and headers on ``request`` and return the body to write."""
+    body = error_json(status, message, code, type_)
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
+
+
+def raw_error_response(status: int, message: str, code: Optional[str] = None) -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, for errors
+    found while parsing, before any Request object could answer."""
+    body = error_json(status, message, code)
+    reason = HTTPStatus(status).phrase.encode("ascii")
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % (status, reason, len(body))
+    ) + body

@@ -1,0 +1,175 @@
+"""The gateway's URL space: one leaf resource dispatching on method and path.
+
+A flat table instead of a Resource tree: every answer, 404 and 405 included,
+is JSON, every answer carries ``X-Request-ID``, and the table is the list that
+``GET /`` shows.
+"""
+
+import json
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
+
+import treq
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+
+from ntonix._version import __version__
+from ntonix.http.errors import write_error
+from ntonix.http.validate import (
+    ROUTE_CHAT,
+    ROUTE_COMPLETIONS,
+    ROUTE_EMBEDDINGS,
+    BadRequest,
+    check_body,
+    check_content_type,
+    decode_json_body,
+)
+from ntonix.upstream.headers import request_id_from
+from ntonix.upstream.relay import Relay
+
+if TYPE_CHECKING:
+    from ntonix.gateway import Gateway
+
+log = Logger(namespace="ntonix.http.routes")
+
+Handler = Callable[[server.Request], Any]
+
+FORWARDED = {
+    b"/v1/chat/completions": ROUTE_CHAT,
+    b"/v1/completions": ROUTE_COMPLETIONS,
+    b"/v1/embeddings": ROUTE_EMBEDDINGS,
+}
+
+
+def json_body(request: server.Request, obj: Any, status: int = 200) -> bytes:
+    data = json.dumps(obj, indent=None, separators=(",", ":")).encode() + b"\n"
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % len(data))
+    return data
+
+
+class Router(Resource):
+    isLeaf = True
+
+    def __init__(self, gateway: "Gateway") -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.routes: Dict[Tuple[bytes, bytes], Tuple[Handler, str]] = {
+            (b"GET", b"/"): (self.root, "this list"),
+            (b"GET", b"/health"): (self.health, "gateway health"),
+            (b"GET", b"/backends"): (self.backends, "backends and their state"),
+            (b"GET", b"/v1/models"): (self.models, "models of all healthy backends"),
+        }
+        for path, route in FORWARDED.items():
+            self.routes[(b"POST", path)] = (self._forwarder(route), f"forwarded ({route})")
+
+    def render(self, request: server.Request) -> Any:
+        request_id = request_id_from(request.requestHeaders)
+        request.setHeader(b"X-Request-ID", request_id)
+        request.request_id = request_id
+        if self.gateway.draining:
+            # Shutting down: finish this answer, then close the connection.
+            request.setHeader(b"Connection", b"close")
+            request.channel.persistent = False
+        path = request.path.split(b"?", 1)[0]
+        method = b"GET" if request.method == b"HEAD" else request.method
+        entry = self.routes.get((method, path))
+        if entry is None:
+            allowed = sorted(m.decode() for (m, p) in self.routes if p == path)
+            if allowed:
+                request.setHeader(b"Allow", ", ".join(allowed).encode())
+                return write_error(request, 405, f"method {request.method.decode('latin-1')} "
+                                   f"not allowed on {path.decode('latin-1')}; use "
+                                   + " or ".join(allowed), "method_not_allowed")
+            return write_error(request, 404, f"no route {path.decode('latin-1')!r}; "
+                               "GET / lists the endpoints", "not_found")
+        return entry[0](request)
+
+    # -- information
+    def root(self, request: server.Request) -> bytes:
+        endpoints = [f"{m.decode()} {p.decode()}" for (m, p) in self.routes]
+        return json_body(request, {
+            "name": "NTONIX",
+            "description": "AI inference gateway for OpenAI-compatible LLM backends",
+            "version": __version__,
+            "endpoints": endpoints,
+            "routes": {f"{m.decode()} {p.decode()}": doc for (m, p), (_, doc) in
+                       self.routes.items()},
+        })
+
+    def health(self, request: server.Request) -> bytes:
+        total = len(self.gateway.backends)
+        up = sum(1 for b in self.gateway.backends if b.available)
+        status, code = "healthy", 200
+        if self.gateway.draining:
+            status, code = "draining", 503
+        elif total and not up:
+            status, code = "unhealthy", 503
+        return json_body(request, {"status": status, "backends_available": up,
+                                   "backends_total": total,
+                                   "uptime_seconds": round(self.gateway.uptime(), 3)}, code)
+
+    def backends(self, request: server.Request) -> bytes:
+        return json_body(request, {"backends": [b.as_json() for b in self.gateway.backends]})
+
+    def models(self, request: server.Request) -> Any:
+        """Ask every available backend, merge their lists, drop duplicates."""
+        live = [b for b in self.gateway.backends if b.available]
+        if not live:
+            request.setHeader(b"Retry-After", b"1")
+            return write_error(request, 503, "no backend available", "no_backend_available")
+        timeout = self.gateway.config.health.timeout_seconds
+        headers = Headers({b"X-Request-ID": [request.request_id]})
+        auth = request.requestHeaders.getRawHeaders(b"authorization")
+        if auth:
+            headers.setRawHeaders(b"Authorization", auth)
+
+        def ask(b: Any) -> defer.Deferred:
+            d = self.gateway.upstream.request(b"GET", b.base_url + "/v1/models", headers)
+            # Read non-200 bodies too, so the connection goes back to the pool.
+            d.addCallback(lambda r: treq.json_content(r) if r.code == 200
+                          else treq.content(r).addCallback(lambda _: None))
+            d.addTimeout(timeout, self.gateway.reactor)
+            return d
+
+        def merged(results: List[Tuple[bool, Any]]) -> None:
+            seen: Dict[str, Any] = {}
+            answered = False
+            for ok, doc in results:
+                if ok and isinstance(doc, dict) and isinstance(doc.get("data"), list):
+                    answered = True
+                    for m in doc["data"]:
+                        if isinstance(m, dict) and isinstance(m.get("id"), str):
+                            seen.setdefault(m["id"], m)
+            if request._disconnected:
+                return
+            if not answered:
+                body = write_error(request, 502, "no backend answered GET /v1/models",
+                                   "upstream_unreachable")
+            else:
+                body = json_body(request, {"object": "list", "data": list(seen.values())})
+            request.write(body)
+            request.finish()
+
+        dl = defer.DeferredList([ask(b) for b in live], consumeErrors=True)
+        dl.addCallback(merged)
+        dl.addErrback(lambda f: log.failure("merging models", f))
+        return server.NOT_DONE_YET
+
+    # -- forwarding
+    def _forwarder(self, route: str) -> Handler:
+        def forward(request: server.Request) -> Any:
+            try:
+                check_content_type(request)
+                request.content.seek(0)
+                body = request.content.read()
+                check_body(route, decode_json_body(body))
+            except BadRequest as e:
+                return write_error(request, e.status, e.message, e.code)
+            Relay(self.gateway, request, request.uri, body, request.request_id).start()
+            return server.NOT_DONE_YET
+        return forward
+

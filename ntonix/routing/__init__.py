@@ -1,0 +1,1 @@
+"""Backends, their state, and how one is picked."""

@@ -1,0 +1,136 @@
+"""The long-lived parts of a running gateway, as Twisted services."""
+
+from typing import Any, Callable, List, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ntonix.config import BackendConfig
+from ntonix.gateway import Gateway
+from ntonix.http.channel import GatewaySite
+
+log = Logger(namespace="ntonix.services")
+
+
+class ListenerService(Service):
+    """Listens on one TCP port; a port that cannot be had stops the start-up
+    with one line instead of a traceback."""
+
+    def __init__(self, reactor: Any, port: int, interface: str, factory: Any,
+                 label: str, listen: Optional[Callable[..., Any]] = None) -> None:
+        self.reactor = reactor
+        self.port_number = port
+        self.interface = interface
+        self.factory = factory
+        self.label = label
+        self._listen = listen or reactor.listenTCP
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.port = self._listen(self.port_number, self.factory, interface=self.interface)
+        except CannotListenError as e:
+            raise SystemExit(f"ntonix: cannot listen for {self.label} on "
+                             f"{self.interface}:{self.port_number}: {e.socketError}") from None
+        host = self.port.getHost()
+        log.info("{label} listening on {host}:{port}", label=self.label, host=host.host,
+                 port=host.port)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class DemoBackendsService(Service):
+    """Two (or more) mock LLM backends in the gateway's own process, so that
+    ``twistd -n ntonix --demo`` answers at once with nothing else running."""
+
+    def __init__(self, reactor: Any, gateway: Gateway, ports: List[int]) -> None:
+        self.reactor = reactor
+        self.gateway = gateway
+        self.ports = ports
+        self.listening: List[Any] = []
+
+    def startService(self) -> None:
+        from ntonix_mock.server import Knobs, make_site
+
+        super().startService()
+        added = []
+        for i, port in enumerate(self.ports):
+            name = f"demo-{chr(ord('a') + i)}"
+            # Paced like a small real model so that streaming is visible.
+            site = make_site(name, Knobs(ttft_ms=80, itl_ms=15, tokens=24), self.reactor)
+            try:
+                p = self.reactor.listenTCP(port, site, interface="127.0.0.1")
+            except CannotListenError as e:
+                raise SystemExit(f"ntonix: cannot start demo backend on 127.0.0.1:{port} "
+                                 f"(demo.ports): {e.socketError}") from None
+            self.listening.append(p)
+            actual = p.getHost().port
+            log.info("demo mock backend {name} listening on 127.0.0.1:{port}", name=name,
+                     port=actual)
+            added.append(BackendConfig("127.0.0.1", actual, 1))
+        self.gateway.add_backends(added)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        ports, self.listening = self.listening, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+class DrainService(Service):
+    """On shutdown, lets in-flight requests finish for up to the configured
+    time while the listeners stop accepting, then closes what is left."""
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self, reactor: Any, gateway: Gateway, sites: List[GatewaySite]) -> None:
+        self.reactor = reactor
+        self.gateway = gateway
+        self.sites = sites
+
+    def _channels(self) -> List[Any]:
+        return [c for s in self.sites for c in list(s.channels)]
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.gateway.draining = True
+        timeout = self.gateway.config.server.shutdown_timeout_seconds
+        deadline = self.reactor.seconds() + timeout
+        busy_at_start = sum(1 for c in self._channels() if c.busy)
+        if busy_at_start:
+            log.info("draining {n} in-flight request(s) for up to {t:g}s", n=busy_at_start,
+                     t=timeout)
+        done: defer.Deferred = defer.Deferred()
+
+        def tick() -> None:
+            try:
+                channels = self._channels()
+                for c in channels:
+                    if not c.busy:
+                        c.transport.loseConnection()
+                busy = [c for c in channels if c.busy]
+                if not busy or self.reactor.seconds() >= deadline:
+                    if busy:
+                        log.warn("shutdown: closing {n} request(s) still in flight", n=len(busy))
+                        for c in busy:
+                            c.transport.abortConnection()
+                    loop.stop()
+            except Exception:
+                log.failure("while draining")
+                loop.stop()
+
+        loop = LoopingCall(tick)
+        loop.clock = self.reactor
+        d = loop.start(self.POLL_SECONDS, now=True)
+        d.addBoth(lambda _: self.gateway.close())
+        d.addBoth(lambda _: done.callback(None))
+        return done
+

@@ -1,0 +1,148 @@
+"""``twistd ntonix``: command-line options and the service tree."""
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from ntonix import config as cfgmod
+from ntonix.config import ConfigError, Raw
+from ntonix.gateway import Gateway
+from ntonix.http.channel import GatewaySite, Limits
+from ntonix.http.routes import Router
+from ntonix.services import DemoBackendsService, DrainService, ListenerService
+
+
+def _settings_reference() -> str:
+    lines = ["Every setting, with its default and environment variable",
+             "(set any of them with --set section.key=value):", ""]
+    for key, f in cfgmod.all_settings():
+        default = cfgmod.default_of(f)
+        lines.append(f"  {key} = {json.dumps(default)}  [{cfgmod.env_name(key)}]")
+        lines.append(f"      {f.metadata['help']}")
+    lines += ["", "Backends: --backend HOST:PORT[:WEIGHT] (repeat), or",
+              "NTONIX_BACKENDS=host:port[:weight],... Config file: --config or NTONIX_CONFIG.",
+              "Precedence: command line > environment > config file > defaults."]
+    return "\n".join(lines)
+
+
+def _default(key: str) -> str:
+    for k, f in cfgmod.all_settings():
+        if k == key:
+            return json.dumps(cfgmod.default_of(f))
+    raise KeyError(key)
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+
+    # Settings with their own flag; each maps to a config key.
+    FLAG_SETTINGS = {
+        "port": "server.port",
+        "ssl-port": "server.ssl_port",
+        "bind": "server.bind_address",
+        "threads": "server.threads",
+        "cert": "ssl.cert_file",
+        "key": "ssl.key_file",
+        "log-level": "logging.level",
+        "log-file": "logging.file",
+        "retries": "proxy.retries",
+        "response-timeout": "proxy.response_timeout_seconds",
+        "shutdown-timeout": "server.shutdown_timeout_seconds",
+        "balancer": "balancer.algorithm",
+        "cache-size-mb": "cache.max_size_mb",
+        "cache-ttl": "cache.ttl_seconds",
+    }
+
+    optParameters = [
+        ["config", "c", None, "JSON configuration file (env NTONIX_CONFIG) [default: none]"],
+    ] + [
+        [flag, None, None, f"{key} [default: {_default(key)}]"]
+        for flag, key in FLAG_SETTINGS.items()
+    ]
+
+    optFlags = [
+        ["demo", None, "start two mock LLM backends in-process and use them "
+                       "(demo.enabled) [default: off]"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backends: List[str] = []
+        self.sets: List[str] = []
+
+    def getUsage(self, width: Optional[int] = None) -> str:
+        # Appended as is: Options would re-wrap a longdesc into one paragraph.
+        return super().getUsage(width) + "\n" + _settings_reference() + "\n"
+
+    def opt_backend(self, spec: str) -> None:
+        """a backend HOST:PORT[:WEIGHT]; repeat for several (env NTONIX_BACKENDS)
+        [default: none]"""
+        self.backends.append(spec)
+
+    def opt_set(self, assignment: str) -> None:
+        """any setting as section.key=value (repeatable); see the list below"""
+        if "=" not in assignment:
+            raise usage.UsageError(f"--set {assignment}: expected section.key=value")
+        self.sets.append(assignment)
+
+    def cli_layer(self) -> Dict[str, Raw]:
+        """The command line's settings, each marked with the flag it came from.
+
+        Values are checked later, with the other sources, so that a bad one
+        gets the same one-line report wherever it came from.
+        """
+        layer: Dict[str, Raw] = {}
+        known = {k for k, _ in cfgmod.all_settings()}
+        for assignment in self.sets:
+            key, value = assignment.split("=", 1)
+            key = key.strip()
+            if key not in known:
+                raise ConfigError([f"--set {key}: unknown setting; see `twistd ntonix --help`"])
+            layer[key] = Raw(value, f"--set {key}", True)
+        for flag, key in self.FLAG_SETTINGS.items():
+            if self[flag] is not None:
+                layer[key] = Raw(self[flag], f"--{flag}", True)
+        if self["demo"]:
+            layer["demo.enabled"] = Raw(True, "--demo", False)
+        if self.backends:
+            layer["backends"] = Raw(",".join(self.backends), "--backend", True)
+        return layer
+
+
+def load_config(options: Options, environ: Optional[Dict[str, str]] = None) -> cfgmod.Config:
+    """The configuration in force, or SystemExit with one line per problem."""
+    try:
+        return cfgmod.load(options.cli_layer(),
+                           os.environ if environ is None else environ,
+                           options["config"])
+    except ConfigError as e:
+        raise SystemExit("\n".join(f"ntonix: invalid configuration: {line}"
+                                   for line in e.lines)) from None
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    config = load_config(options)
+    return build_service(config, reactor)
+
+
+def build_service(config: cfgmod.Config, reactor: Any) -> MultiService:
+    """The whole gateway as a service tree, on ``reactor``."""
+    top = MultiService()
+    gateway = Gateway(config, reactor)
+    top.gateway = gateway  # type: ignore[attr-defined]
+    limits = Limits.from_config(config.server)
+    site = GatewaySite(Router(gateway), limits, reactor)
+    if config.demo.enabled:
+        DemoBackendsService(reactor, gateway, config.demo.ports).setServiceParent(top)
+    DrainService(reactor, gateway, [site]).setServiceParent(top)
+    ListenerService(reactor, config.server.port, config.server.bind_address, site,
+                    "http").setServiceParent(top)
+    return top
+
+
+__all__ = ["Options", "makeService", "build_service"]

@@ -1,0 +1,1 @@
+"""The backend-facing side: pooled HTTP client, header rewriting, the relay."""
