@@ -183,9 +183,11 @@ class TokenStream:
             if self.done or self.paused:
                 return
             if self.reset_at is not None and self.sent >= self.reset_at:
+                # Close after what was written is flushed (an abort would drop
+                # it unsent): the reader sees a stream cut without its end.
                 self.mock.stats.faults_reset += 1
                 self._stop()
-                self.request.channel.transport.abortConnection()
+                self.request.channel.transport.loseConnection()
                 return
             if self.sent >= self.n_tokens:
                 self._finish()

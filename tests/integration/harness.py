@@ -1,0 +1,207 @@
+"""Loopback fixtures: the real ``twistd ntonix`` in a subprocess, mock backends
+in the test's reactor, raw TCP clients. Every wait is bounded."""
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import treq
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from ntonix_mock.server import Knobs, make_site
+
+LISTENING = re.compile(rb"http listening on ([0-9.]+):(\d+)")
+TWISTD = Path(sys.executable).with_name("twistd")
+
+
+def within(d: defer.Deferred, seconds: float) -> defer.Deferred:
+    """``d``, failing with TimeoutError after ``seconds``."""
+    return d.addTimeout(seconds, reactor)
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    """Let the reactor run (for a bounded observation window, never as a
+    substitute for waiting on an event)."""
+    d: defer.Deferred = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+async def until(predicate, timeout: float = 5.0, step: float = 0.01) -> None:
+    """Poll ``predicate`` on the reactor until it holds, at most ``timeout``."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not reached within %.1fs" % timeout)
+        await sleep(step)
+
+
+class Mock:
+    """A mock LLM backend listening on 127.0.0.1 in this process."""
+
+    def __init__(self, backend_id: str, **knobs: Any) -> None:
+        self.site = make_site(backend_id, Knobs(**knobs), reactor)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.id = backend_id
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port.getHost().port}"
+
+    @property
+    def mock(self):
+        return self.site.resource
+
+    @property
+    def stats(self):
+        return self.site.resource.stats
+
+    @property
+    def knobs(self):
+        return self.site.resource.knobs
+
+    def stop(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+class GatewayProcess(protocol.ProcessProtocol):
+    """``twistd -n ntonix`` as a child process; its output is kept for asserts."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
+        self.port: Optional[int] = None
+        self.exit_code: Optional[int] = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        m = LISTENING.search(self.output)
+        if m and self.port is None:
+            self.port = int(m.group(2))
+            self.listening.callback(self.port)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.exit_code = reason.value.exitCode
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(
+                "gateway exited before listening:\n" + self.output.decode(errors="replace")))
+        self.ended.callback(self.exit_code)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def terminate(self, sig: str = "TERM") -> None:
+        try:
+            self.transport.signalProcess(sig)
+        except Exception:
+            pass
+
+
+def twistd_argv(args: List[str]) -> List[str]:
+    exe = str(TWISTD) if TWISTD.exists() else None
+    prefix = [exe] if exe else [sys.executable, "-c",
+                                "from twisted.scripts.twistd import run; run()"]
+    return prefix + ["-n", "--pidfile=", "ntonix", *args]
+
+
+def gateway_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NTONIX_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+async def start_gateway(args: List[str], env: Optional[Dict[str, str]] = None,
+                        timeout: float = 20.0, cwd: Optional[str] = None) -> GatewayProcess:
+    proc = GatewayProcess()
+    argv = twistd_argv(args)
+    reactor.spawnProcess(proc, argv[0], argv, env=gateway_env(env), path=cwd)
+    try:
+        await within(proc.listening, timeout)
+    except Exception:
+        proc.terminate("KILL")
+        raise
+    return proc
+
+
+async def stop_gateway(proc: GatewayProcess, timeout: float = 20.0) -> int:
+    if proc.ended.called:
+        return proc.exit_code
+    proc.terminate("TERM")
+    try:
+        return await within(proc.ended, timeout)
+    except defer.TimeoutError:
+        proc.terminate("KILL")
+        raise
+
+
+async def run_to_exit(args: List[str], env: Optional[Dict[str, str]] = None,
+                      timeout: float = 20.0) -> GatewayProcess:
+    """Run a twistd that is expected to exit by itself (bad configuration)."""
+    proc = GatewayProcess()
+    proc.listening.addErrback(lambda _: None)
+    argv = twistd_argv(args)
+    reactor.spawnProcess(proc, argv[0], argv, env=gateway_env(env))
+    try:
+        await within(proc.ended, timeout)
+    except defer.TimeoutError:
+        proc.terminate("KILL")
+        raise
+    return proc
+
+
+def http_client(persistent: bool = False) -> treq.client.HTTPClient:
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    return treq.client.HTTPClient(Agent(reactor, pool=pool))
+
+
+def chat_body(text: str = "hello", stream: bool = False, **extra: Any) -> bytes:
+    return json.dumps({"model": "mock-llm", "stream": stream,
+                       "messages": [{"role": "user", "content": text}], **extra}).encode()
+
+
+JSON = {b"Content-Type": [b"application/json"]}
+
+
+class RawClient(protocol.Protocol):
+    """A TCP client that sends exactly what it is told and keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: defer.Deferred = defer.Deferred()
+        self.got_data: Optional[defer.Deferred] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.got_data is not None and not self.got_data.called:
+            d, self.got_data = self.got_data, None
+            d.callback(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closed.callback(None)
+
+    def wait_data(self, timeout: float) -> defer.Deferred:
+        self.got_data = defer.Deferred()
+        return within(self.got_data, timeout)
+
+    @property
+    def status(self) -> int:
+        return int(self.received.split(b" ", 2)[1])
+
+    @property
+    def body(self) -> bytes:
+        return self.received.partition(b"\r\n\r\n")[2]
+
+
+async def raw_connect(port: int) -> RawClient:
+    ep = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+    return await within(connectProtocol(ep, RawClient()), 5)

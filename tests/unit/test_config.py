@@ -1,0 +1,166 @@
+"""Configuration: precedence between every pair of sources, and validation."""
+
+import json
+from itertools import combinations
+
+import pytest
+
+from ntonix import config as c
+from ntonix.config import ConfigError, Raw
+
+
+def write(tmp_path, doc, name="ntonix.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(doc) if not isinstance(doc, str) else doc)
+    return str(p)
+
+
+def cli(**settings):
+    return {k.replace("__", "."): Raw(v, f"--{k}", True) for k, v in settings.items()}
+
+
+def test_defaults_match_the_seed():
+    cfg = c.load({}, {})
+    assert (cfg.server.port, cfg.server.ssl_port, cfg.server.bind_address) == (8080, 8443, "0.0.0.0")
+    assert cfg.cache.max_size_mb == 512 and cfg.cache.ttl_seconds == 3600 and cfg.cache.enabled
+    assert cfg.health.interval_seconds == 5 and cfg.health.failure_threshold == 3
+    assert cfg.proxy.retries == 1 and cfg.balancer.algorithm == "weighted_round_robin"
+    assert cfg.admin.user == "admin" and not cfg.admin.enabled
+    assert cfg.backends == ()
+
+
+# Each source sets server.port to its own value; the higher one must win for
+# every pair, and the lower one must be what remains when the higher is absent.
+SOURCES = ["default", "file", "env", "cli"]
+PORT = {"default": 8080, "file": 1001, "env": 1002, "cli": 1003}
+
+
+def load_with(tmp_path, present, via_alias=False):
+    path = write(tmp_path, {"server": {"port": PORT["file"]}}) if "file" in present else None
+    env = {}
+    if "env" in present:
+        env["NTONIX_PORT" if via_alias else "NTONIX_SERVER_PORT"] = str(PORT["env"])
+    layer = cli(server__port=str(PORT["cli"])) if "cli" in present else {}
+    return c.load(layer, env, path)
+
+
+@pytest.mark.parametrize("low,high", list(combinations(SOURCES, 2)))
+def test_precedence_every_pair(tmp_path, low, high):
+    present = {low, high} - {"default"}
+    assert load_with(tmp_path, present).server.port == PORT[high]
+    assert load_with(tmp_path, present - {high}).server.port == PORT[low]
+
+
+def test_precedence_all_four_and_alias(tmp_path):
+    assert load_with(tmp_path, {"file", "env", "cli"}).server.port == PORT["cli"]
+    assert load_with(tmp_path, {"file", "env"}, via_alias=True).server.port == PORT["env"]
+
+
+def test_long_env_name_beats_alias():
+    cfg = c.load({}, {"NTONIX_PORT": "1", "NTONIX_SERVER_PORT": "2"})
+    assert cfg.server.port == 2
+
+
+def test_config_file_from_env_and_cli_path_wins(tmp_path):
+    a = write(tmp_path, {"server": {"port": 1111}}, "a.json")
+    b = write(tmp_path, {"server": {"port": 2222}}, "b.json")
+    assert c.load({}, {"NTONIX_CONFIG": a}).server.port == 1111
+    assert c.load({}, {"NTONIX_CONFIG": a}, b).server.port == 2222
+
+
+def test_backends_from_each_source(tmp_path):
+    path = write(tmp_path, {"backends": [{"host": "a", "port": 1, "weight": 3}, "b:2"]})
+    cfg = c.load({}, {}, path)
+    assert [(b.host, b.port, b.weight) for b in cfg.backends] == [("a", 1, 3), ("b", 2, 1)]
+    cfg = c.load({}, {"NTONIX_BACKENDS": "x:10:2, y:11"}, path)
+    assert [b.name for b in cfg.backends] == ["x:10", "y:11"] and cfg.backends[0].weight == 2
+    layer = {"backends": Raw("z:12", "--backend", True)}
+    assert [b.name for b in c.load(layer, {"NTONIX_BACKENDS": "x:10"}, path).backends] == ["z:12"]
+
+
+def test_generic_env_rule_types():
+    cfg = c.load({}, {"NTONIX_CACHE_ENABLED": "false", "NTONIX_PROXY_CONNECT_TIMEOUT_SECONDS": "2.5",
+                      "NTONIX_DEMO_PORTS": "9001,9002", "NTONIX_LOG_LEVEL": "debug",
+                      "NTONIX_SSL_SNI": '{"a.test": {"cert_file": "c", "key_file": "k"}}'})
+    assert cfg.cache.enabled is False and cfg.proxy.connect_timeout_seconds == 2.5
+    assert cfg.demo.ports == [9001, 9002] and cfg.logging.level == "debug"
+    assert cfg.ssl.sni["a.test"]["key_file"] == "k"
+
+
+def problems(layer=None, env=None, path=None):
+    with pytest.raises(ConfigError) as e:
+        c.load(layer or {}, env or {}, path)
+    return e.value.lines
+
+
+@pytest.mark.parametrize("doc,expected", [
+    ({"server": {"port": "eighty"}},
+     'server.port = "eighty" (config file {p}): expected an integer'),
+    ({"server": {"port": 70000}},
+     "server.port = 70000 (config file {p}): must be between 0 and 65535"),
+    ({"server": {"prot": 1}}, "server.prot (config file {p}): unknown setting"),
+    ({"sever": {}}, "sever (config file {p}): unknown section"),
+    ({"cache": {"enabled": "yes"}},
+     'cache.enabled = "yes" (config file {p}): expected true or false'),
+    ({"balancer": {"algorithm": "random"}},
+     'balancer.algorithm = "random" (config file {p}): must be one of'),
+    ({"backends": [{"host": "a", "port": 1, "weight": 0}]},
+     "backends[0].weight = 0 (config file {p}): must be between 1 and 1000"),
+    ({"backends": [{"host": "a"}]}, "backends[0].port (config file {p}): missing"),
+    ({"backends": ["a:1", {"host": "a", "port": 1}]},
+     'backends = "a:1" (config file {p}): duplicate backend'),
+    ({"ssl": {"enabled": True}}, "ssl.enabled = true (config file {p}): needs ssl.cert_file"),
+])
+def test_file_validation_names_key_value_and_source(tmp_path, doc, expected):
+    path = write(tmp_path, doc)
+    lines = problems(path=path)
+    assert len(lines) == 1
+    assert lines[0].startswith(expected.format(p=path)), lines[0]
+
+
+def test_every_problem_is_reported_once(tmp_path):
+    path = write(tmp_path, {"server": {"port": "x", "threads": 0}})
+    lines = problems(path=path)
+    assert len(lines) == 2 and "server.port" in lines[0] and "server.threads" in lines[1]
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"NTONIX_BACKENDS": "nohost"},
+     'backends = "nohost" (environment NTONIX_BACKENDS): expected host:port[:weight]'),
+    ({"NTONIX_BACKENDS": "a:1:0"},
+     'backends = "a:1:0" (environment NTONIX_BACKENDS): weight must be at least 1'),
+    ({"NTONIX_BACKENDS": "a:99999"}, "port must be between 1 and 65535"),
+    ({"NTONIX_BACKENDS": "a:1,a:1"}, "duplicate backend"),
+    ({"NTONIX_PORT": "0x"}, 'server.port = "0x" (environment NTONIX_PORT): expected an integer'),
+    ({"NTONIX_PROXY_RETRIES": "-1"}, "proxy.retries"),
+    ({"NTONIX_HEALTH_INTERVAL_SECONDS": "nan"}, "expected a finite number"),
+    ({"NTONIX_PORTT": "1"}, "NTONIX_PORTT (environment): unknown setting"),
+])
+def test_env_validation(env, expected):
+    lines = problems(env=env)
+    assert any(expected in line for line in lines), lines
+
+
+def test_cli_validation_names_the_flag():
+    lines = problems(layer={"server.port": Raw("0x", "--port", True)})
+    assert lines == ['server.port = "0x" (--port): expected an integer']
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "cannot be read"),
+    ("{not json", "not valid JSON"),
+    ("[]", "expected a JSON object at the top"),
+])
+def test_unreadable_or_malformed_file(tmp_path, content, expected):
+    path = str(tmp_path / "missing.json") if content is None else write(tmp_path, content)
+    lines = problems(path=path)
+    assert lines[0].startswith(f"config file {path}: {expected}")
+
+
+def test_shipped_config_files_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "config"
+    for name in ("ntonix.json", "docker-ntonix.json"):
+        cfg = c.load({}, {}, str(root / name))
+        assert cfg.backends, name
