@@ -14,8 +14,10 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 
 from ntonix.http.errors import raw_error_response
+from ntonix.upstream.headers import request_id_from
 
 log = Logger(namespace="ntonix.http.channel")
 
@@ -168,7 +170,9 @@ class GuardedChannel(http.HTTPChannel):
             return
         self._closing = True
         self._enter(IDLE, None)
-        self.transport.write(raw_error_response(status, message, code))
+        headers = self.requests[-1].requestHeaders if self.requests else Headers()
+        self.transport.write(raw_error_response(status, message, code,
+                                                request_id_from(headers)))
         self.loseConnection()
         # A client that will not read our answer must not keep the socket.
         self._abortingCall = self.clock.callLater(self.abortTimeout, self.forceAbortClient)

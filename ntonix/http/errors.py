@@ -43,12 +43,14 @@ def write_error(request: Request, status: int, message: str, code: Optional[str]
     return body
 
 
-def raw_error_response(status: int, message: str, code: Optional[str] = None) -> bytes:
+def raw_error_response(status: int, message: str, code: Optional[str],
+                       request_id: bytes) -> bytes:
     """A whole HTTP/1.1 error response that closes the connection, for errors
     found while parsing, before any Request object could answer."""
     body = error_json(status, message, code)
     reason = HTTPStatus(status).phrase.encode("ascii")
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n" % (status, reason, len(body))
+        b"X-Request-ID: %s\r\nConnection: close\r\n\r\n"
+        % (status, reason, len(body), request_id)
     ) + body

@@ -38,7 +38,7 @@ log = Logger(namespace="ntonix.upstream.relay")
 CONNECT_FAILURES = (
     error.ConnectError,
     error.DNSLookupError,
-    error.TimeoutError,  # the connect timeout; the response timeout is defer.TimeoutError
+    error.TimeoutError,  # the connect timeout (the head timeout is our own timer)
     ResponseNeverReceived,
     RequestTransmissionFailed,
 )
@@ -118,6 +118,8 @@ class Relay:
         self.backend: Optional[Backend] = None
         self.attempt_started = 0.0
         self.pending: Optional[defer.Deferred] = None
+        self.head_timer: Optional[IDelayedCall] = None
+        self.head_timed_out = False
         self.pipe: Optional[ResponsePipe] = None
         self.sse = False
         self.status = 0
@@ -151,10 +153,28 @@ class Relay:
             self.request_id, req.isSecure())
         d = self.gateway.upstream.request(req.method, backend.base_url + self.path.decode("latin-1"),
                                           headers, self.body)
-        d.addTimeout(self.gateway.config.proxy.response_timeout_seconds, self.gateway.reactor)
+        # Our own timer, not Deferred.addTimeout: cancelling the client's
+        # request surfaces as ResponseNeverReceived, which addTimeout would not
+        # turn into a TimeoutError, and a 504 must not look like a 502.
+        self.head_timed_out = False
+        self.head_timer = self.gateway.reactor.callLater(
+            self.gateway.config.proxy.response_timeout_seconds, self._head_timeout)
+        self.pending = d
+        d.addBoth(self._head_arrived)
         d.addCallbacks(self._got_response, self._failed)
         d.addErrback(self._bug)
-        self.pending = d
+
+    def _head_timeout(self) -> None:
+        self.head_timer = None
+        self.head_timed_out = True
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def _head_arrived(self, result: Any) -> Any:
+        if self.head_timer is not None and self.head_timer.active():
+            self.head_timer.cancel()
+        self.head_timer = None
+        return result
 
     def _release(self, ok: bool, why: Optional[str] = None) -> None:
         """Account the current attempt with its backend, once."""
@@ -225,7 +245,7 @@ class Relay:
             self._release(True)
             self._finish_relay()
             return
-        if failure.check(defer.TimeoutError):
+        if self.head_timed_out:
             t = self.gateway.config.proxy.response_timeout_seconds
             why = f"backend {name} sent no response head within {t:g}s " \
                   "(proxy.response_timeout_seconds)"
