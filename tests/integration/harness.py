@@ -90,6 +90,7 @@ class GatewayProcess(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.exit_code = reason.value.exitCode
+        self.end_reason = reason.value
         if not self.listening.called:
             self.listening.errback(RuntimeError(
                 "gateway exited before listening:\n" + self.output.decode(errors="replace")))
