@@ -128,7 +128,8 @@ class Router(Resource):
             headers.setRawHeaders(b"Authorization", auth)
 
         def ask(b: Any) -> defer.Deferred:
-            d = self.gateway.upstream.request(b"GET", b.base_url + "/v1/models", headers)
+            d = self.gateway.upstream.treq.get(b.base_url + b"/v1/models", headers=headers,
+                                               allow_redirects=False)
             # Read non-200 bodies too, so the connection goes back to the pool.
             d.addCallback(lambda r: treq.json_content(r) if r.code == 200
                           else treq.content(r).addCallback(lambda _: None))

@@ -34,9 +34,9 @@ class Backend:
         return f"{self.host}:{self.port}"
 
     @property
-    def base_url(self) -> str:
+    def base_url(self) -> bytes:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{host}:{self.port}".encode("idna")
 
     @property
     def available(self) -> bool:

@@ -17,9 +17,6 @@ HOP_BY_HOP = frozenset({
 })
 # Set per hop by the HTTP machinery on each side.
 FRAMING = frozenset({b"content-length", b"host", b"expect"})
-# The HTTP client asks for gzip and decodes it itself, so what the client
-# accepts is the gateway's business, not the backend's.
-ENCODING = frozenset({b"accept-encoding"})
 # Replaced with the gateway's own values.
 FORWARDING = frozenset({b"x-real-ip", b"x-request-id", b"x-forwarded-proto"})
 
@@ -53,7 +50,7 @@ def request_id_from(headers: Headers) -> bytes:
 
 def upstream_request_headers(client: Headers, client_ip: str, request_id: bytes,
                              secure: bool) -> Headers:
-    out = _copy(client, FRAMING | ENCODING | FORWARDING)
+    out = _copy(client, FRAMING | FORWARDING)
     xff = client.getRawHeaders(b"x-forwarded-for")
     ip = client_ip.encode()
     out.setRawHeaders(b"X-Forwarded-For", [b", ".join(xff + [ip]) if xff else ip])
@@ -66,12 +63,7 @@ def upstream_request_headers(client: Headers, client_ip: str, request_id: bytes,
 def client_response_headers(upstream: Headers) -> Headers:
     """The backend's response headers fit for the client.
 
-    The HTTP client removes Content-Encoding itself when it un-gzips a body,
-    and the relay sets Content-Length from what will really be sent. Twisted's
-    decoding agent leaves an empty Content-Encoding on responses that had
-    none, a header the backend never sent: drop it.
+    The body is relayed byte for byte, so Content-Encoding stays as the
+    backend sent it; the relay sets Content-Length from the response.
     """
-    out = _copy(upstream, FRAMING)
-    if not any(v.strip() for v in out.getRawHeaders(b"content-encoding", [])):
-        out.removeHeader(b"content-encoding")
-    return out
+    return _copy(upstream, FRAMING)

@@ -151,7 +151,7 @@ class Relay:
         headers = upstream_request_headers(
             req.requestHeaders, req.getClientAddress().host if req.getClientAddress() else "",
             self.request_id, req.isSecure())
-        d = self.gateway.upstream.request(req.method, backend.base_url + self.path.decode("latin-1"),
+        d = self.gateway.upstream.forward(req.method, backend.base_url + self.path,
                                           headers, self.body)
         # Our own timer, not Deferred.addTimeout: cancelling the client's
         # request surfaces as ResponseNeverReceived, which addTimeout would not

@@ -1,0 +1,311 @@
+"""Proxy-path benchmark: the gateway against a direct connection to the backend.
+
+    .venv/bin/python bench/proxy_bench.py            # about two minutes
+    .venv/bin/python bench/proxy_bench.py --quick    # smaller counts
+
+Starts a mock backend (its own process), the gateway (``twistd ntonix``, its
+own process) and drives both from this process on 127.0.0.1, then prints each
+figure for the direct connection and through the gateway, measured in the same
+run. Nothing here is a pass/fail test; targets are printed beside the figures.
+Every loop is bounded in count and time.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.internet import defer, protocol, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+CONTENT = re.compile(rb'"content":"[^"]')
+END_CHUNKED = b"\r\n0\r\n\r\n"
+
+
+def pct(values: List[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100.0 * (len(s) - 1))))]
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Child(protocol.ProcessProtocol):
+    """A child process whose output is scanned for its listening port."""
+
+    def __init__(self, pattern: bytes) -> None:
+        self.pattern = re.compile(pattern)
+        self.out = b""
+        self.port: Optional[int] = None
+        self.up: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        if self.port is None:
+            m = self.pattern.search(self.out)
+            if m:
+                self.port = int(m.group(1))
+                self.up.callback(self.port)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.up.called:
+            self.up.errback(RuntimeError(self.out.decode(errors="replace")))
+        self.ended.callback(None)
+
+
+class Conn(protocol.Protocol):
+    """A minimal keep-alive HTTP/1.1 client: one request at a time, timing
+    the first byte, the first content token and the end of the response."""
+
+    def __init__(self, reactor: Any, read_rate: Optional[float] = None) -> None:
+        self.reactor = reactor
+        self.d: Optional[defer.Deferred] = None
+        self.read_rate = read_rate  # bytes/s, for slow readers
+        self.closed: defer.Deferred = defer.Deferred()
+        self.total = 0
+
+    def request(self, raw: bytes) -> defer.Deferred:
+        self.head = b""
+        self.in_body = False
+        self.length: Optional[int] = None
+        self.tail = b""
+        self.body_bytes = 0
+        self.t0 = self.reactor.seconds()
+        self.first_byte: Optional[float] = None
+        self.first_token: Optional[float] = None
+        self.d = defer.Deferred()
+        self.transport.write(raw)
+        return self.d
+
+    def dataReceived(self, data: bytes) -> None:
+        now = self.reactor.seconds()
+        self.total += len(data)
+        if self.first_byte is None:
+            self.first_byte = now
+        if self.read_rate:
+            self._throttle(len(data))
+        if not self.in_body:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, _, data = self.head.partition(b"\r\n\r\n")
+            self.in_body = True
+            self.status = int(head.split(b" ", 2)[1])
+            m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            self.length = int(m.group(1)) if m else None
+        if self.first_token is None and CONTENT.search(data):
+            self.first_token = now
+        self.body_bytes += len(data)
+        self.tail = (self.tail + data)[-16:]
+        done = (self.body_bytes >= self.length) if self.length is not None \
+            else self.tail.endswith(END_CHUNKED)
+        if done and self.d is not None:
+            d, self.d = self.d, None
+            d.callback((self.status, self.first_byte - self.t0,
+                        (self.first_token or now) - self.t0, now - self.t0))
+
+    def _throttle(self, n: int) -> None:
+        # Read no faster than read_rate on average: stop reading for as long
+        # as the bytes just taken would need at that rate.
+        self.transport.pauseProducing()
+        self.reactor.callLater(n / self.read_rate, self._resume)
+
+    def _resume(self) -> None:
+        if self.transport is not None and self.transport.connected:
+            self.transport.resumeProducing()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.d is not None:
+            d, self.d = self.d, None
+            d.errback(reason)
+        self.closed.callback(None)
+
+
+async def connect(reactor: Any, port: int, read_rate: Optional[float] = None,
+                  rcvbuf: Optional[int] = None) -> Conn:
+    ep = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+    c = await connectProtocol(ep, Conn(reactor, read_rate))
+    if rcvbuf:
+        import socket
+
+        c.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    return c
+
+
+def chat_request(prompt: str, stream: bool, max_tokens: int) -> bytes:
+    body = json.dumps({"model": "mock-llm", "stream": stream, "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": prompt}]}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+async def control(reactor: Any, mock_port: int, **knobs: Any) -> None:
+    c = await connect(reactor, mock_port)
+    body = json.dumps(knobs).encode()
+    await c.request(b"POST /control HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    c.transport.loseConnection()
+
+
+async def serial_latency(reactor: Any, port: int, n: int) -> List[float]:
+    c = await connect(reactor, port)
+    out = []
+    for i in range(n):
+        status, _, _, total = await c.request(chat_request(f"serial {i % 50}", False, 16))
+        assert status == 200, status
+        out.append(total)
+    c.transport.loseConnection()
+    return out
+
+
+async def throughput(reactor: Any, port: int, clients: int, seconds: float) -> float:
+    conns = [await connect(reactor, port) for _ in range(clients)]
+    deadline = reactor.seconds() + seconds
+    done = [0]
+
+    async def worker(c: Conn, k: int) -> None:
+        i = 0
+        while reactor.seconds() < deadline:
+            status, *_ = await c.request(chat_request(f"tp {k} {i % 20}", False, 16))
+            assert status == 200, status
+            done[0] += 1
+            i += 1
+
+    start = reactor.seconds()
+    await defer.gatherResults([defer.Deferred.fromCoroutine(worker(c, k))
+                               for k, c in enumerate(conns)])
+    elapsed = reactor.seconds() - start
+    for c in conns:
+        c.transport.loseConnection()
+    return done[0] / elapsed
+
+
+async def streams(reactor: Any, port: int, n: int, pid: Optional[int],
+                  tokens: int) -> Tuple[List[float], int]:
+    conns = [await connect(reactor, port) for _ in range(n)]
+    peak = [0]
+
+    def sample() -> None:
+        if pid:
+            peak[0] = max(peak[0], rss_kb(pid))
+
+    sampler = task.LoopingCall(sample)
+    sampler.clock = reactor
+    sampler.start(0.05)
+    results = await defer.gatherResults(
+        [c.request(chat_request(f"stream {i}", True, tokens)) for i, c in enumerate(conns)])
+    sampler.stop()
+    for c in conns:
+        c.transport.loseConnection()
+    return [r[2] for r in results], peak[0]
+
+
+async def slow_readers(reactor: Any, port: int, n: int, seconds: float, pid: int) -> Tuple[int, int]:
+    """RSS growth of ``pid`` while ``n`` clients read fast streams at 1 KB/s."""
+    conns = [await connect(reactor, port, read_rate=1024, rcvbuf=4096) for _ in range(n)]
+    before = rss_kb(pid)
+    pending = [c.request(chat_request(f"slow {i}", True, 50_000)) for i, c in enumerate(conns)]
+    for p in pending:
+        p.addErrback(lambda _: None)
+    end = reactor.seconds() + seconds
+    peak = before
+    while reactor.seconds() < end:
+        await task.deferLater(reactor, 0.25, lambda: None)
+        peak = max(peak, rss_kb(pid))
+    read = sum(c.total for c in conns)
+    for c in conns:
+        c.transport.abortConnection()
+    return peak - before, read
+
+
+async def run(reactor: Any, args: argparse.Namespace) -> None:
+    py = sys.executable
+    twistd = str(Path(py).with_name("twistd"))
+    mock = Child(rb"listening on 127\.0\.0\.1:(\d+)")
+    reactor.spawnProcess(mock, py, [py, "-m", "ntonix_mock", "--port", "0", "--id", "bench"],
+                         env={"PYTHONUNBUFFERED": "1"})
+    mock_port = await mock.up.addTimeout(20, reactor)
+    gw = Child(rb"http listening on [0-9.]+:(\d+)")
+    reactor.spawnProcess(gw, twistd, [twistd, "-n", "--pidfile=", "ntonix", "--port", "0",
+                                      "--bind", "127.0.0.1", "--backend", f"127.0.0.1:{mock_port}",
+                                      "--log-level", "warn"],
+                         env={"PYTHONUNBUFFERED": "1"})
+    gw_port = await gw.up.addTimeout(20, reactor)
+    gw_pid = gw.transport.pid
+    targets = {"direct": mock_port, "gateway": gw_port}
+    rows: List[Tuple[str, str, str, str, str]] = []
+
+    def row(name: str, direct: float, via: float, unit: str, target: str,
+            added: bool = True) -> None:
+        diff = f"{via - direct:+.2f} {unit}" if added else f"x{via / direct:.2f}"
+        rows.append((name, f"{direct:.2f} {unit}", f"{via:.2f} {unit}", diff, target))
+        print(f"  {name:<38} direct {direct:9.2f} {unit:<5} gateway {via:9.2f} {unit:<5} "
+              f"({diff})  target: {target}", flush=True)
+
+    q = args.quick
+    print(f"mock pid {mock.transport.pid} :{mock_port}, gateway pid {gw_pid} :{gw_port}",
+          flush=True)
+    # Warm-up: pools, code paths.
+    for port in targets.values():
+        await serial_latency(reactor, port, 50)
+
+    lat = {k: await serial_latency(reactor, p, 200 if q else 1000) for k, p in targets.items()}
+    row("non-streamed p50, 1 client", 1000 * pct(lat["direct"], 50),
+        1000 * pct(lat["gateway"], 50), "ms", "added < 1 ms")
+    row("non-streamed p99, 1 client", 1000 * pct(lat["direct"], 99),
+        1000 * pct(lat["gateway"], 99), "ms", "-")
+
+    rps = {k: await throughput(reactor, p, 64, 3 if q else 8) for k, p in targets.items()}
+    row("requests/s, 64 clients", rps["direct"], rps["gateway"], "rq/s", ">= 2000 via gateway",
+        added=False)
+
+    await control(reactor, mock_port, ttft_ms=50.0, itl_ms=20.0)
+    n_streams = 200 if q else 500
+    ttft_direct, _ = await streams(reactor, mock_port, n_streams, None, 20)
+    ttft_gw, peak = await streams(reactor, gw_port, n_streams, gw_pid, 20)
+    row(f"TTFT p50, {n_streams} streams", 1000 * pct(ttft_direct, 50),
+        1000 * pct(ttft_gw, 50), "ms", "-")
+    row(f"TTFT p99, {n_streams} streams", 1000 * pct(ttft_direct, 99),
+        1000 * pct(ttft_gw, 99), "ms", "added < 10 ms")
+    print(f"  gateway peak RSS with {n_streams} streams: {peak / 1024:.1f} MB", flush=True)
+
+    await control(reactor, mock_port, ttft_ms=0.0, itl_ms=0.0)
+    n_slow = 50
+    growth, read = await slow_readers(reactor, gw_port, n_slow, 8 if q else 20, gw_pid)
+    print(f"  RSS growth, {n_slow} clients reading fast streams at 1 KB/s: "
+          f"{growth} KB in all, {growth / n_slow:.1f} KB per stream "
+          f"(target < 256 KB per stream; clients read {read / 1024:.0f} KB)", flush=True)
+    print(f"  gateway RSS at end: {rss_kb(gw_pid) / 1024:.1f} MB", flush=True)
+
+    for child in (gw, mock):
+        child.transport.signalProcess("TERM")
+    await defer.gatherResults([gw.ended, mock.ended]).addTimeout(30, reactor)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller counts, shorter windows")
+    args = p.parse_args()
+    t0 = time.time()
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
+    print(f"done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
