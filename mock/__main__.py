@@ -49,7 +49,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     site = make_site(args.id, knobs_from(args), reactor)
-    ep = endpoints.TCP4ServerEndpoint(reactor, args.port, interface=args.bind)
+    # A real server's backlog (uvicorn's is 2048): Twisted's default of 50
+    # would drop SYNs when a gateway opens hundreds of connections at once.
+    ep = endpoints.TCP4ServerEndpoint(reactor, args.port, backlog=1024, interface=args.bind)
 
     def listening(port):
         # The one line a supervising script waits for.

@@ -14,6 +14,11 @@ from ntonix.http.channel import GatewaySite
 
 log = Logger(namespace="ntonix.services")
 
+# Twisted's default of 50 drops SYNs when hundreds of clients connect at once,
+# which costs each of them a one-second retransmit (the kernel caps it at
+# net.core.somaxconn).
+LISTEN_BACKLOG = 1024
+
 
 class ListenerService(Service):
     """Listens on one TCP port; a port that cannot be had stops the start-up
@@ -32,7 +37,8 @@ class ListenerService(Service):
     def startService(self) -> None:
         super().startService()
         try:
-            self.port = self._listen(self.port_number, self.factory, interface=self.interface)
+            self.port = self._listen(self.port_number, self.factory, interface=self.interface,
+                                     backlog=LISTEN_BACKLOG)
         except CannotListenError as e:
             raise SystemExit(f"ntonix: cannot listen for {self.label} on "
                              f"{self.interface}:{self.port_number}: {e.socketError}") from None
@@ -68,7 +74,8 @@ class DemoBackendsService(Service):
             # Paced like a small real model so that streaming is visible.
             site = make_site(name, Knobs(ttft_ms=80, itl_ms=15, tokens=24), self.reactor)
             try:
-                p = self.reactor.listenTCP(port, site, interface="127.0.0.1")
+                p = self.reactor.listenTCP(port, site, interface="127.0.0.1",
+                                           backlog=LISTEN_BACKLOG)
             except CannotListenError as e:
                 raise SystemExit(f"ntonix: cannot start demo backend on 127.0.0.1:{port} "
                                  f"(demo.ports): {e.socketError}") from None
