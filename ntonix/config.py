@@ -144,9 +144,9 @@ class ProxyConfig:
                                                  help="wait for a stream's first content event")
     retries: int = setting(1, min=0, max=10, help="retries on another backend before any byte")
     pool_size_per_backend: int = setting(10, min=1, help="idle keep-alive connections per backend")
-    pool_idle_seconds: float = setting(60.0, min=0.001, help="close pooled connections idle this long")
-    max_response_bytes: int = setting(64 * 1024 * 1024, min=1,
-                                      help="largest non-streamed backend answer relayed")
+    # Below uvicorn's (vLLM's) 5 s keep-alive, so the gateway closes an idle
+    # connection before the backend does and never writes into a closed one.
+    pool_idle_seconds: float = setting(4.0, min=0.001, help="close pooled connections idle this long")
 
 
 @frozen

@@ -1,17 +1,19 @@
 """The Gateway: the one object that owns the live state.
 
-Backends, the balancer, the upstream client and the counters hang off it;
-the HTTP routes read it, the services start and stop it, and the admin console
-shows it.
+Backends (with their circuit breakers), the balancer, the upstream client and
+the counters hang off it; the HTTP routes read it, the services start and stop
+it, SIGHUP reconfigures it, and the admin console shows it.
 """
 
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
+import attrs
 from twisted.logger import Logger
 
-from ntonix.config import BackendConfig, Config
+from ntonix.config import BackendConfig, Config, all_settings
 from ntonix.routing.backend import Backend
-from ntonix.routing.balancer import SmoothWeightedRoundRobin
+from ntonix.routing.balancer import make_balancer
+from ntonix.routing.breaker import CircuitBreaker
 from ntonix.upstream.client import UpstreamClient
 
 log = Logger(namespace="ntonix.gateway")
@@ -23,7 +25,10 @@ class Gateway:
         self.reactor = reactor
         self.started_at = reactor.seconds()
         self.backends: List[Backend] = []
-        self.balancer = SmoothWeightedRoundRobin()
+        # Backends that exist only at run time (the demo's mocks): kept
+        # across reloads, which only know the configured ones.
+        self.runtime_backends: List[BackendConfig] = []
+        self.balancer = make_balancer(config.balancer.algorithm)
         self.upstream = UpstreamClient(
             reactor,
             pool_size_per_backend=config.proxy.pool_size_per_backend,
@@ -32,37 +37,122 @@ class Gateway:
         )
         self.active_relays = 0
         self.draining = False
-        self.set_backends(config.backends)
+        # Called after the backend list changes (the health checker listens).
+        self.on_backends_changed: List[Callable[[], None]] = []
+        self._set_backends(config.backends)
 
     def uptime(self) -> float:
         return self.reactor.seconds() - self.started_at
 
-    def set_backends(self, configs: Sequence[BackendConfig]) -> None:
-        """Make ``configs`` the backend list, keeping the state of those that stay."""
-        now = self.reactor.seconds()
+    # -- backends
+    def _new_backend(self, cfg: BackendConfig) -> Backend:
+        name = cfg.name
+
+        def changed(old: str, new: str, why: str) -> None:
+            log.info("backend {backend} circuit {old} -> {new}: {reason}",
+                     backend=name, old=old, new=new, reason=why)
+
+        h = self.config.health
+        breaker = CircuitBreaker(h.failure_threshold, h.recovery_seconds,
+                                 now=self.reactor.seconds, on_change=changed)
+        return Backend(host=cfg.host, port=cfg.port, weight=cfg.weight, breaker=breaker)
+
+    def _set_backends(self, configs: Sequence[BackendConfig]) -> None:
+        """Make ``configs`` (plus the run-time ones) the backend list.
+
+        Backends that stay keep their state and take their new weight; new
+        ones join; removed ones drain: no new requests, and they are dropped
+        when their last in-flight request ends.
+        """
+        wanted = [*configs, *(c for c in self.runtime_backends
+                              if c.name not in {x.name for x in configs})]
         by_name = {b.name: b for b in self.backends}
-        new: List[Backend] = []
-        for cfg in configs:
+        kept: List[Backend] = []
+        for cfg in wanted:
             b = by_name.pop(cfg.name, None)
             if b is None:
-                b = Backend.from_config(cfg, now)
+                b = self._new_backend(cfg)
                 log.info("backend {backend} added (weight {weight})", backend=b.name,
-                         weight=b.weight)
+                         weight=cfg.weight)
+            else:
+                if b.weight != cfg.weight:
+                    log.info("backend {backend} weight {old} -> {new}", backend=b.name,
+                             old=b.weight, new=cfg.weight)
+                if b.removed:
+                    b.removed = False
+                    b.draining = False
+                    log.info("backend {backend} is back in the configuration", backend=b.name)
             b.weight = cfg.weight
-            new.append(b)
+            kept.append(b)
         for gone in by_name.values():
-            self.balancer.forget(gone)
-            log.info("backend {backend} removed", backend=gone.name)
-        self.backends = new
+            gone.draining = True
+            gone.removed = True
+            if gone.in_flight:
+                log.info("backend {backend} removed: draining {n} in-flight request(s)",
+                         backend=gone.name, n=gone.in_flight)
+                kept.append(gone)
+            else:
+                self.balancer.forget(gone)
+                log.info("backend {backend} removed", backend=gone.name)
+        self.backends = kept
+        for listener in list(self.on_backends_changed):
+            listener()
 
-    def add_backends(self, configs: Iterable[BackendConfig]) -> None:
-        self.set_backends([*(BackendConfig(b.host, b.port, b.weight) for b in self.backends),
-                           *configs])
+    def add_runtime_backends(self, configs: Iterable[BackendConfig]) -> None:
+        self.runtime_backends.extend(configs)
+        self._set_backends(self.config.backends)
+
+    def released(self, backend: Backend) -> None:
+        """A request to ``backend`` ended: a removed backend may now go."""
+        if backend.removed and backend.in_flight == 0 \
+                and backend in self.backends:
+            self.backends = [b for b in self.backends if b is not backend]
+            self.balancer.forget(backend)
+            log.info("backend {backend} drained and removed", backend=backend.name)
+            for listener in list(self.on_backends_changed):
+                listener()
+
+    def find(self, name: str) -> Optional[Backend]:
+        return next((b for b in self.backends if b.name == name), None)
 
     def pick_backend(self, exclude: Iterable[Backend] = ()) -> Optional[Backend]:
         skip = set(exclude)
-        return self.balancer.pick(self.backends,
-                                  lambda b: b.available and b not in skip)
+        b = self.balancer.pick(self.backends, lambda b: b.available and b not in skip)
+        if b is not None and not b.breaker.acquire():
+            return None  # cannot happen on one thread: available() was just checked
+        return b
+
+    def any_available(self, exclude: Iterable[Backend] = ()) -> bool:
+        skip = set(exclude)
+        return any(b.available and b not in skip for b in self.backends)
+
+    # -- reconfiguration
+    def apply_config(self, new: Config) -> List[str]:
+        """Take ``new`` as the configuration in force (SIGHUP).
+
+        Returns the settings that changed but need a restart to take effect.
+        """
+        # Listeners, TLS, the console and the demo are built once at start:
+        # their sections keep their running values until a restart.
+        fixed = ("server", "ssl", "admin", "demo")
+        needs_restart = []
+        for key, f in all_settings():
+            section, name = key.split(".")
+            old_v = getattr(getattr(self.config, section), name)
+            new_v = getattr(getattr(new, section), name)
+            if old_v != new_v and (section in fixed or f.metadata.get("restart")):
+                needs_restart.append(key)
+        new = attrs.evolve(new, **{s: getattr(self.config, s) for s in fixed})
+        if new.balancer.algorithm != self.config.balancer.algorithm:
+            self.balancer = make_balancer(new.balancer.algorithm)
+        for b in self.backends:
+            b.breaker.failure_threshold = new.health.failure_threshold
+            b.breaker.recovery_seconds = new.health.recovery_seconds
+        self.upstream.reconfigure(new.proxy.pool_size_per_backend, new.proxy.pool_idle_seconds,
+                                  new.proxy.connect_timeout_seconds)
+        self.config = new
+        self._set_backends(new.backends)
+        return needs_restart
 
     def close(self) -> Any:
         return self.upstream.close()

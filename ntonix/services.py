@@ -84,7 +84,7 @@ class DemoBackendsService(Service):
             log.info("demo mock backend {name} listening on 127.0.0.1:{port}", name=name,
                      port=actual)
             added.append(BackendConfig("127.0.0.1", actual, 1))
-        self.gateway.add_backends(added)
+        self.gateway.add_runtime_backends(added)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -141,3 +141,67 @@ class DrainService(Service):
         d.addBoth(lambda _: done.callback(None))
         return done
 
+
+
+class ReloadService(Service):
+    """SIGHUP: re-read the configuration file and environment and apply them.
+
+    A bad configuration is reported and the running one stays.
+    """
+
+    def __init__(self, reactor: Any, gateway: Gateway, loader: Callable[[], Any],
+                 extra: Optional[List[Callable[[], None]]] = None) -> None:
+        self.reactor = reactor
+        self.gateway = gateway
+        self.loader = loader
+        self.extra = extra or []  # other things SIGHUP reloads (TLS certificates)
+        self._previous: Any = None
+        self.reloads = 0
+
+    def startService(self) -> None:
+        super().startService()
+        import signal
+
+        try:
+            self._previous = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        except ValueError:
+            # Not the main thread (an embedding test): no signal, reload() still works.
+            self._previous = None
+
+    def stopService(self) -> Any:
+        super().stopService()
+        import signal
+
+        if self._previous is not None:
+            try:
+                signal.signal(signal.SIGHUP, self._previous)
+            except ValueError:
+                pass
+        return None
+
+    def reload(self) -> bool:
+        from ntonix.config import ConfigError
+
+        self.reloads += 1
+        log.info("SIGHUP: reloading the configuration")
+        try:
+            new = self.loader()
+        except ConfigError as e:
+            for line in e.lines:
+                log.error("reload refused, keeping the running configuration: {problem}",
+                          problem=line)
+            return False
+        except Exception:
+            log.failure("reload failed, keeping the running configuration")
+            return False
+        restart = self.gateway.apply_config(new)
+        for key in restart:
+            log.warn("{key} changed; it takes effect after a restart", key=key)
+        for reload_more in self.extra:
+            try:
+                reload_more()
+            except Exception:
+                log.failure("while reloading")
+        log.info("configuration reloaded: {n} backend(s)", n=len(self.gateway.backends))
+        return True

@@ -2,7 +2,7 @@
 
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import MultiService
 from twisted.python import usage
@@ -12,7 +12,8 @@ from ntonix.config import ConfigError, Raw
 from ntonix.gateway import Gateway
 from ntonix.http.channel import GatewaySite, Limits
 from ntonix.http.routes import Router
-from ntonix.services import DemoBackendsService, DrainService, ListenerService
+from ntonix.routing.health import HealthChecker
+from ntonix.services import DemoBackendsService, DrainService, ListenerService, ReloadService
 
 
 def _settings_reference() -> str:
@@ -112,12 +113,15 @@ class Options(usage.Options):
         return layer
 
 
-def load_config(options: Options, environ: Optional[Dict[str, str]] = None) -> cfgmod.Config:
+def read_config(options: Options) -> cfgmod.Config:
+    """The configuration from all sources now; ConfigError when it is bad."""
+    return cfgmod.load(options.cli_layer(), os.environ, options["config"])
+
+
+def load_config(options: Options) -> cfgmod.Config:
     """The configuration in force, or SystemExit with one line per problem."""
     try:
-        return cfgmod.load(options.cli_layer(),
-                           os.environ if environ is None else environ,
-                           options["config"])
+        return read_config(options)
     except ConfigError as e:
         raise SystemExit("\n".join(f"ntonix: invalid configuration: {line}"
                                    for line in e.lines)) from None
@@ -127,11 +131,15 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     config = load_config(options)
-    return build_service(config, reactor)
+    return build_service(config, reactor, lambda: read_config(options))
 
 
-def build_service(config: cfgmod.Config, reactor: Any) -> MultiService:
-    """The whole gateway as a service tree, on ``reactor``."""
+def build_service(config: cfgmod.Config, reactor: Any,
+                  reloader: Optional[Callable[[], cfgmod.Config]] = None) -> MultiService:
+    """The whole gateway as a service tree, on ``reactor``.
+
+    ``reloader`` reads the configuration again for SIGHUP.
+    """
     top = MultiService()
     gateway = Gateway(config, reactor)
     top.gateway = gateway  # type: ignore[attr-defined]
@@ -139,6 +147,9 @@ def build_service(config: cfgmod.Config, reactor: Any) -> MultiService:
     site = GatewaySite(Router(gateway), limits, reactor)
     if config.demo.enabled:
         DemoBackendsService(reactor, gateway, config.demo.ports).setServiceParent(top)
+    HealthChecker(gateway, reactor).setServiceParent(top)
+    if reloader is not None:
+        ReloadService(reactor, gateway, reloader).setServiceParent(top)
     DrainService(reactor, gateway, [site]).setServiceParent(top)
     ListenerService(reactor, config.server.port, config.server.bind_address, site,
                     "http").setServiceParent(top)

@@ -113,7 +113,9 @@ class Router(Resource):
                                    "uptime_seconds": round(self.gateway.uptime(), 3)}, code)
 
     def backends(self, request: server.Request) -> bytes:
-        return json_body(request, {"backends": [b.as_json() for b in self.gateway.backends]})
+        now = self.gateway.reactor.seconds()
+        return json_body(request, {"now": now, "algorithm": self.gateway.config.balancer.algorithm,
+                                   "backends": [b.as_json() for b in self.gateway.backends]})
 
     def models(self, request: server.Request) -> Any:
         """Ask every available backend, merge their lists, drop duplicates."""
@@ -167,10 +169,11 @@ class Router(Resource):
                 check_content_type(request)
                 request.content.seek(0)
                 body = request.content.read()
-                check_body(route, decode_json_body(body))
+                doc = check_body(route, decode_json_body(body))
             except BadRequest as e:
                 return write_error(request, e.status, e.message, e.code)
-            Relay(self.gateway, request, request.uri, body, request.request_id).start()
+            Relay(self.gateway, request, request.uri, body, request.request_id,
+                  stream=doc.get("stream") is True).start()
             return server.NOT_DONE_YET
         return forward
 

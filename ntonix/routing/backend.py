@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional
 
 import attrs
 
-from ntonix.config import BackendConfig
+from ntonix.routing.breaker import CLOSED, CircuitBreaker
 
 HEALTHY, UNHEALTHY, DRAINING = "healthy", "unhealthy", "draining"
 
@@ -15,19 +15,17 @@ class Backend:
 
     host: str
     port: int
+    breaker: CircuitBreaker
     weight: int = 1
-    state: str = HEALTHY
+    draining: bool = False
+    # Gone from the configuration: dropped once its last request ends.
+    removed: bool = False
     in_flight: int = 0
     requests: int = 0
     errors: int = 0
     latency_total: float = 0.0
     latency_count: int = 0
     last_error: Optional[str] = None
-    state_changed_at: float = 0.0
-
-    @classmethod
-    def from_config(cls, cfg: BackendConfig, now: float = 0.0) -> "Backend":
-        return cls(host=cfg.host, port=cfg.port, weight=cfg.weight, state_changed_at=now)
 
     @property
     def name(self) -> str:
@@ -39,8 +37,15 @@ class Backend:
         return f"http://{host}:{self.port}".encode("idna")
 
     @property
+    def state(self) -> str:
+        if self.draining:
+            return DRAINING
+        return HEALTHY if self.breaker.state == CLOSED else UNHEALTHY
+
+    @property
     def available(self) -> bool:
-        return self.state == HEALTHY
+        """May take a new request now (a half-open circuit's free trial counts)."""
+        return not self.draining and self.breaker.available()
 
     @property
     def latency_avg_ms(self) -> float:
@@ -58,10 +63,14 @@ class Backend:
             self.last_error = error
 
     def as_json(self) -> Dict[str, Any]:
+        b = self.breaker
         return {
             "name": self.name, "host": self.host, "port": self.port, "weight": self.weight,
-            "state": self.state, "in_flight": self.in_flight, "requests": self.requests,
-            "errors": self.errors, "latency_avg_ms": round(self.latency_avg_ms, 3),
+            "state": self.state, "circuit": b.state, "reason": b.reason,
+            "state_changed_at": b.changed_at, "opened_at": b.opened_at, "retry_at": b.retry_at,
+            "consecutive_failures": b.failures,
+            "in_flight": self.in_flight, "requests": self.requests, "errors": self.errors,
+            "latency_avg_ms": round(self.latency_avg_ms, 3),
             "error_rate": round(self.errors / self.requests, 4) if self.requests else 0.0,
-            "last_error": self.last_error, "state_changed_at": self.state_changed_at,
+            "last_error": self.last_error,
         }

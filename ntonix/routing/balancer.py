@@ -1,4 +1,5 @@
-"""Picking a backend: smooth weighted round-robin, as nginx does it.
+"""Picking a backend: smooth weighted round-robin (as nginx does it), or the
+least outstanding of two random choices.
 
 Each pick adds every candidate's weight to its running score, takes the one
 with the highest score and subtracts the total weight from it. Over any window
@@ -6,7 +7,8 @@ of sum-of-weights picks each backend is chosen exactly its weight times, and
 the picks interleave (5,1,1 gives a a b a c a a, not a a a a a b c).
 """
 
-from typing import Callable, Dict, Iterable, List, Optional
+import random
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from ntonix.routing.backend import Backend
 
@@ -36,3 +38,36 @@ class SmoothWeightedRoundRobin:
 
     def forget(self, backend: Backend) -> None:
         self._current.pop(backend, None)
+
+
+class LeastOutstanding:
+    """Power of two choices on in-flight requests, weights respected.
+
+    Two candidates are drawn at random in proportion to their weights; the one
+    with fewer requests in flight per unit of weight wins. Cheap, and it avoids
+    the herd that "always the least loaded" causes.
+    """
+
+    def __init__(self, rng: Optional[random.Random] = None) -> None:
+        self.rng = rng or random.Random()
+
+    def pick(self, candidates: Iterable[Backend],
+             allowed: Optional[Callable[[Backend], bool]] = None) -> Optional[Backend]:
+        pool = [b for b in candidates if allowed is None or allowed(b)]
+        if len(pool) <= 1:
+            return pool[0] if pool else None
+        weights = [b.weight for b in pool]
+        first = self.rng.choices(range(len(pool)), weights)[0]
+        rest = [i for i in range(len(pool)) if i != first]
+        second = self.rng.choices(rest, [weights[i] for i in rest])[0]
+        a, b = pool[first], pool[second]
+        return a if (a.in_flight + 1) / a.weight <= (b.in_flight + 1) / b.weight else b
+
+    def forget(self, backend: Backend) -> None:
+        pass
+
+
+def make_balancer(algorithm: str, rng: Optional[random.Random] = None) -> Any:
+    if algorithm == "least_outstanding":
+        return LeastOutstanding(rng)
+    return SmoothWeightedRoundRobin()

@@ -93,15 +93,20 @@ class UpstreamClient:
     def __init__(self, reactor: Any, pool_size_per_backend: int, pool_idle_seconds: float,
                  connect_timeout: float) -> None:
         self.pool = QuietPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = pool_size_per_backend
-        self.pool.cachedConnectionTimeout = pool_idle_seconds
         # Retrying is the relay's decision (another backend, bounded), and the
         # pool would only ever retry idempotent methods anyway.
         self.pool.retryAutomatically = False
-        self.agent = Agent.usingEndpointFactory(
-            reactor, DirectEndpointFactory(reactor, connect_timeout), pool=self.pool)
+        self.endpoints = DirectEndpointFactory(reactor, connect_timeout)
+        self.reconfigure(pool_size_per_backend, pool_idle_seconds, connect_timeout)
+        self.agent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=self.pool)
         # For the gateway's own requests, whose answers it reads whole.
         self.treq = HTTPClient(self.agent, cookiejar=NoCookies())
+
+    def reconfigure(self, pool_size_per_backend: int, pool_idle_seconds: float,
+                    connect_timeout: float) -> None:
+        self.pool.maxPersistentPerHost = pool_size_per_backend
+        self.pool.cachedConnectionTimeout = pool_idle_seconds
+        self.endpoints.timeout = connect_timeout
 
     def forward(self, method: bytes, url: bytes, headers: Headers,
                 body: bytes) -> "defer.Deferred[IResponse]":
