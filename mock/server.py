@@ -20,7 +20,7 @@ import attrs
 import xxhash
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -426,10 +426,35 @@ class MockLLM(Resource):
 
 
 class QuietSite(server.Site):
-    """A Site with no per-request access log: the gateway in front keeps one."""
+    """A Site with no per-request access log (the gateway in front keeps one)
+    that knows its open connections, so that a test can kill it outright."""
 
     noisy = False
     displayTracebacks = False
+    protocol = http.HTTPChannel  # plain HTTP/1.1, no protocol-negotiation wrapper
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.connections: set = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = super().buildProtocol(addr)
+        site = self
+        lost = proto.connectionLost
+
+        def connectionLost(reason: Any) -> None:
+            site.connections.discard(proto)
+            lost(reason)
+
+        proto.connectionLost = connectionLost
+        self.connections.add(proto)
+        return proto
+
+    def drop_connections(self) -> None:
+        """Abort every open connection, as a crashed server's would be."""
+        for proto in list(self.connections):
+            if proto.transport is not None:
+                proto.transport.abortConnection()
 
     def log(self, request: server.Request) -> None:
         pass

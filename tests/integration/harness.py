@@ -47,11 +47,13 @@ class Mock:
     def __init__(self, backend_id: str, **knobs: Any) -> None:
         self.site = make_site(backend_id, Knobs(**knobs), reactor)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.number = self.port.getHost().port
         self.id = backend_id
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port.getHost().port}"
+        port = self.port.getHost().port if self.port is not None else self.number
+        return f"127.0.0.1:{port}"
 
     @property
     def mock(self):
@@ -66,7 +68,24 @@ class Mock:
         return self.site.resource.knobs
 
     def stop(self) -> defer.Deferred:
-        return defer.maybeDeferred(self.port.stopListening)
+        if self.port is None:
+            return defer.succeed(None)
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening)
+
+    async def kill(self) -> None:
+        """Stop listening and cut every connection: a crashed backend."""
+        self.number = self.port.getHost().port
+        await self.stop()
+        self.site.drop_connections()
+
+    def restart(self) -> None:
+        """Listen again on the same port, with fresh counters."""
+        self.site.resource.stats = type(self.site.resource.stats)()
+        self.port = reactor.listenTCP(self.number, self.site, interface="127.0.0.1")
+
+    def count(self, path: str = "/v1/chat/completions") -> int:
+        return self.site.resource.stats.by_path.get(path, 0)
 
 
 class GatewayProcess(protocol.ProcessProtocol):
