@@ -31,6 +31,7 @@ setup(
         "ntonix.http",
         "ntonix.upstream",
         "ntonix.routing",
+        "ntonix.cache",
         "ntonix_mock",
         "twisted.plugins",
     ],

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence
 import attrs
 from twisted.logger import Logger
 
+from ntonix.cache.manager import ResponseCache
 from ntonix.config import BackendConfig, Config, all_settings
 from ntonix.routing.backend import Backend
 from ntonix.routing.balancer import make_balancer
@@ -35,6 +36,7 @@ class Gateway:
             pool_idle_seconds=config.proxy.pool_idle_seconds,
             connect_timeout=config.proxy.connect_timeout_seconds,
         )
+        self.cache = ResponseCache(config.cache, reactor)
         self.active_relays = 0
         self.draining = False
         # Called after the backend list changes (the health checker listens).
@@ -150,6 +152,7 @@ class Gateway:
             b.breaker.recovery_seconds = new.health.recovery_seconds
         self.upstream.reconfigure(new.proxy.pool_size_per_backend, new.proxy.pool_idle_seconds,
                                   new.proxy.connect_timeout_seconds)
+        self.cache.reconfigure(new.cache)
         self.config = new
         self._set_backends(new.backends)
         return needs_restart

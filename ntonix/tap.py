@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from ntonix import config as cfgmod
 from ntonix.config import ConfigError, Raw
+from ntonix.cache.manager import CacheSweeper
 from ntonix.gateway import Gateway
 from ntonix.http.channel import GatewaySite, Limits
 from ntonix.http.routes import Router
@@ -148,6 +149,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
     if config.demo.enabled:
         DemoBackendsService(reactor, gateway, config.demo.ports).setServiceParent(top)
     HealthChecker(gateway, reactor).setServiceParent(top)
+    CacheSweeper(gateway.cache, reactor).setServiceParent(top)
     if reloader is not None:
         ReloadService(reactor, gateway, reloader).setServiceParent(top)
     DrainService(reactor, gateway, [site]).setServiceParent(top)

@@ -26,8 +26,8 @@ from ntonix.http.validate import (
     check_content_type,
     decode_json_body,
 )
-from ntonix.upstream.headers import request_id_from
-from ntonix.upstream.relay import Relay
+from ntonix.upstream.headers import request_id_from, upstream_request_headers
+from ntonix.upstream.relay import ClientSink, Exchange
 
 if TYPE_CHECKING:
     from ntonix.gateway import Gateway
@@ -61,6 +61,7 @@ class Router(Resource):
             (b"GET", b"/"): (self.root, "this list"),
             (b"GET", b"/health"): (self.health, "gateway health"),
             (b"GET", b"/backends"): (self.backends, "backends and their state"),
+            (b"GET", b"/cache/stats"): (self.cache_stats, "response cache counters"),
             (b"GET", b"/v1/models"): (self.models, "models of all healthy backends"),
         }
         for path, route in FORWARDED.items():
@@ -162,6 +163,9 @@ class Router(Resource):
         dl.addErrback(lambda f: log.failure("merging models", f))
         return server.NOT_DONE_YET
 
+    def cache_stats(self, request: server.Request) -> bytes:
+        return json_body(request, self.gateway.cache.as_json())
+
     # -- forwarding
     def _forwarder(self, route: str) -> Handler:
         def forward(request: server.Request) -> Any:
@@ -172,8 +176,26 @@ class Router(Resource):
                 doc = check_body(route, decode_json_body(body))
             except BadRequest as e:
                 return write_error(request, e.status, e.message, e.code)
-            Relay(self.gateway, request, request.uri, body, request.request_id,
-                  stream=doc.get("stream") is True).start()
+            self._forward(request, route, doc, body)
             return server.NOT_DONE_YET
         return forward
 
+    def _forward(self, request: server.Request, route: str, doc: dict, body: bytes) -> None:
+        gw = self.gateway
+        stream = doc.get("stream") is True
+        client = request.getClientAddress()
+        headers = upstream_request_headers(request.requestHeaders, getattr(client, "host", ""),
+                                           request.request_id, request.isSecure())
+        cache = gw.cache
+        decision = cache.decide(route, doc, stream, request) if cache.enabled else None
+        if decision is not None and decision.lookup and cache.answer_from_cache(decision, request):
+            return
+        if decision is None or not decision.store:
+            sink: Any = ClientSink(request, decision.label if decision else None)
+        else:
+            sink = cache.new_flight(decision)
+            sink.join(request, decision.label)
+        exchange = Exchange(gw, request.method, request.uri, headers, body,
+                            request.request_id, stream, sink)
+        sink.exchange = exchange
+        exchange.start()

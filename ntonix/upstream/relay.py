@@ -1,9 +1,11 @@
-"""Forwarding one client request to a backend and relaying its answer.
+"""Forwarding a request to a backend and relaying its answer to a sink.
 
-The answer is never held whole: the upstream body transport is registered as
-the client request's streaming producer, so when the client stops reading,
-Twisted pauses the upstream socket, and when the client goes away, the
-upstream connection is closed at once.
+An ``Exchange`` owns the upstream side; what it receives goes to a sink: a
+``ClientSink`` (one client, nothing copied: the upstream body transport is
+registered as the client request's streaming producer, so when the client
+stops reading Twisted pauses the upstream socket, and when the client goes
+away the upstream connection is closed at once) or a cache ``Flight`` (many
+clients, one recorded copy).
 
 Before the first byte reaches the client, failures are retried on another
 backend (connect errors, resets before the head, 5xx answers), at most
@@ -26,11 +28,12 @@ from twisted.web import http
 from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from ntonix.http.errors import error_json, write_error
 from ntonix.routing.backend import Backend
-from ntonix.upstream.headers import client_response_headers, upstream_request_headers
+from ntonix.upstream.headers import client_response_headers
 from ntonix.upstream.sse import first_content_end
 
 if TYPE_CHECKING:
@@ -57,10 +60,10 @@ def sse_error_event(message: str, code: str) -> bytes:
 
 
 class ResponsePipe(Protocol):
-    """Receives one attempt's upstream body and writes it to the client."""
+    """Receives one attempt's upstream body and hands it to the exchange."""
 
-    def __init__(self, relay: "Relay", gated: bool) -> None:
-        self.relay = relay
+    def __init__(self, exchange: "Exchange", gated: bool) -> None:
+        self.exchange = exchange
         self.gated = gated
         self.held = b""
         self.scanned = 0
@@ -70,11 +73,11 @@ class ResponsePipe(Protocol):
 
     def connectionMade(self) -> None:
         if not self.gated:
-            self.relay.commit(self)
+            self.exchange.commit(self)
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.abandoned or self.relay.client_gone:
+        if self.abandoned:
             return
         self._arm()
         if self.gated:
@@ -84,21 +87,19 @@ class ResponsePipe(Protocol):
                 return
             data, self.held = self.held, b""
             self.gated = False
-            self.relay.commit(self)
-        self.relay.bytes_out += len(data)
-        self.relay.request.write(data)
+            self.exchange.commit(self)
+        self.exchange.deliver(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._disarm()
         if self.abandoned:
             return
-        if self.gated and self.held and not self.relay.client_gone:
+        if self.gated and self.held:
             # Ended before any content event: relay what there was.
             self.gated = False
-            self.relay.commit(self)
-            self.relay.bytes_out += len(self.held)
-            self.relay.request.write(self.held)
-        self.relay.body_done(reason, self.timed_out)
+            self.exchange.commit(self)
+            self.exchange.deliver(self.held)
+        self.exchange.body_done(reason, self.timed_out)
 
     def abandon(self) -> None:
         """Drop this attempt: close its connection, relay nothing more."""
@@ -108,11 +109,11 @@ class ResponsePipe(Protocol):
             self.transport.stopProducing()
 
     def _arm(self) -> None:
-        timeout = self.relay.gateway.config.proxy.stream_idle_timeout_seconds
+        timeout = self.exchange.gateway.config.proxy.stream_idle_timeout_seconds
         if self.idle_timer is not None and self.idle_timer.active():
             self.idle_timer.reset(timeout)
         else:
-            self.idle_timer = self.relay.gateway.reactor.callLater(timeout, self._idle)
+            self.idle_timer = self.exchange.gateway.reactor.callLater(timeout, self._idle)
 
     def _disarm(self) -> None:
         if self.idle_timer is not None and self.idle_timer.active():
@@ -133,17 +134,24 @@ class Discard(Protocol):
         self.transport.stopProducing()
 
 
-class Relay:
-    """One client request, forwarded; lives until the client's answer ends."""
+class Exchange:
+    """One request sent upstream, with retries, until its answer ends.
 
-    def __init__(self, gateway: "Gateway", request: Request, path: bytes, body: bytes,
-                 request_id: bytes, stream: bool = False) -> None:
+    The sink it reports to provides ``commit(exchange, response, transport)``,
+    ``write(data)``, ``end(complete, why)`` and ``fail(status, message, code,
+    retry_after)``; it calls ``cancel()`` when nobody wants the answer.
+    """
+
+    def __init__(self, gateway: "Gateway", method: bytes, path: bytes, headers: Headers,
+                 body: bytes, request_id: bytes, stream: bool, sink: Any) -> None:
         self.gateway = gateway
-        self.request = request
+        self.method = method
         self.path = path
+        self.headers = headers
         self.body = body
         self.request_id = request_id
         self.stream = stream
+        self.sink = sink
         self.retries_left = gateway.config.proxy.retries
         self.tried: List[Backend] = []
         self.backend: Optional[Backend] = None
@@ -156,12 +164,15 @@ class Relay:
         self.committed = False
         self.sse = False
         self.status = 0
-        self.bytes_out = 0
-        self.client_gone = False
+        self.bytes_in = 0
+        self.cancelled = False
         self.done = False
         self.started_at = gateway.reactor.seconds()
         self.first_byte_at: Optional[float] = None
-        request.notifyFinish().addErrback(self._client_lost)
+
+    @property
+    def backend_name(self) -> Optional[str]:
+        return self.tried[-1].name if self.tried else None
 
     # -- attempts
     def start(self) -> None:
@@ -176,18 +187,13 @@ class Relay:
             # of a connect-level failure, so the same backend may take it.
             backend = gw.pick_backend()
         if backend is None:
-            self._answer_error(503, "no backend available", "no_backend_available",
-                               retry_after=True)
+            self._fail(503, "no backend available", "no_backend_available", retry_after=True)
             return
         self.tried.append(backend)
         self.backend = backend
         backend.in_flight += 1
         self.attempt_started = gw.reactor.seconds()
         self.last_attempt = self.retries_left == 0 or not gw.any_available(exclude=self.tried)
-        req = self.request
-        client = req.getClientAddress()
-        headers = upstream_request_headers(req.requestHeaders, getattr(client, "host", ""),
-                                           self.request_id, req.isSecure())
         proxy = gw.config.proxy
         # One deadline per attempt, our own timer rather than addTimeout: a
         # cancelled request surfaces as ResponseNeverReceived, not a timeout.
@@ -196,7 +202,8 @@ class Relay:
         wait = proxy.first_token_timeout_seconds if self.stream and not self.last_attempt \
             else proxy.response_timeout_seconds
         self.deadline = gw.reactor.callLater(wait, self._deadline_passed, wait)
-        d = gw.upstream.forward(req.method, backend.base_url + self.path, headers, self.body)
+        d = gw.upstream.forward(self.method, backend.base_url + self.path, self.headers,
+                                self.body)
         self.pending = d
         d.addCallbacks(self._got_response, self._failed, errbackArgs=(d,), callbackArgs=(d,))
         d.addErrback(self._bug)
@@ -204,8 +211,8 @@ class Relay:
     def _release(self, verdict: Optional[bool], why: Optional[str] = None) -> None:
         """Account the current attempt with its backend, once.
 
-        ``verdict`` feeds the circuit breaker; None means no verdict (the
-        client left), which frees a half-open circuit's trial.
+        ``verdict`` feeds the circuit breaker; None means no verdict (nobody
+        wanted the answer any more), which frees a half-open circuit's trial.
         """
         b, self.backend = self.backend, None
         if b is None:
@@ -225,7 +232,7 @@ class Relay:
             self.deadline.cancel()
         self.deadline = None
 
-    def _finish_relay(self) -> None:
+    def _finish(self) -> None:
         self._cancel_deadline()
         if not self.done:
             self.done = True
@@ -240,15 +247,23 @@ class Relay:
             pipe, self.pipe = self.pipe, None
             pipe.abandon()
 
+    def cancel(self) -> None:
+        """Nobody wants the answer: close the upstream request at once, so
+        the backend stops generating for nobody."""
+        if self.done:
+            return
+        self.cancelled = True
+        self._drop_attempt()
+        self._release(None)
+        self._finish()
+
     def _deadline_passed(self, waited: float) -> None:
         self.deadline = None
         name = self.tried[-1].name
-        if self.response is None:
-            why = (f"backend {name} sent no response head within {waited:g}s "
-                   f"({self._deadline_setting()})")
-        else:
-            why = (f"backend {name} sent no first token within {waited:g}s "
-                   f"({self._deadline_setting()})")
+        setting = "proxy.first_token_timeout_seconds" if self.stream and not self.last_attempt \
+            else "proxy.response_timeout_seconds"
+        what = "response head" if self.response is None else "first token"
+        why = f"backend {name} sent no {what} within {waited:g}s ({setting})"
         self._drop_attempt()
         self.response = None
         self._release(False, why)
@@ -258,12 +273,7 @@ class Relay:
                      request_id=self.request_id, why=why)
             self._attempt()
             return
-        self._answer_error(504, why, "upstream_timeout")
-
-    def _deadline_setting(self) -> str:
-        if self.stream and not self.last_attempt:
-            return "proxy.first_token_timeout_seconds"
-        return "proxy.response_timeout_seconds"
+        self._fail(504, why, "upstream_timeout")
 
     # -- upstream events
     def _got_response(self, response: IResponse, d: Any) -> None:
@@ -271,9 +281,6 @@ class Relay:
             response.deliverBody(Discard())  # an abandoned attempt answered late
             return
         self.pending = None
-        if self.client_gone:
-            response.deliverBody(Discard())
-            return
         name = self.tried[-1].name
         if response.code >= 500 and self.retries_left > 0 \
                 and self.gateway.any_available(exclude=self.tried):
@@ -296,25 +303,26 @@ class Relay:
         response.deliverBody(self.pipe)
 
     def commit(self, pipe: ResponsePipe) -> None:
-        """Write the response head: from here on nothing is retried."""
+        """The answer starts: from here on nothing is retried."""
         self._cancel_deadline()
         self.committed = True
         self.first_byte_at = self.gateway.reactor.seconds()
-        req, response = self.request, self.response
-        assert response is not None
-        req.setResponseCode(response.code, response.phrase)
-        for name, values in client_response_headers(response.headers).getAllRawHeaders():
-            req.responseHeaders.setRawHeaders(name, values)
-        req.setHeader(b"X-Backend", self.tried[-1].name.encode())
-        if response.length is not UNKNOWN_LENGTH:
-            req.setHeader(b"Content-Length", b"%d" % response.length)
-        # The upstream socket now follows the client's pace.
-        req.registerProducer(pipe.transport, True)
+        assert self.response is not None
+        self.sink.commit(self, self.response, pipe.transport)
+
+    def deliver(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.sink.write(data)
+
+    def response_headers(self) -> Headers:
+        """The backend's head as the client may see it."""
+        assert self.response is not None
+        return client_response_headers(self.response.headers)
 
     def body_done(self, reason: Failure, timed_out: bool) -> None:
         """The upstream body ended: completely, or not."""
         self.pipe = None
-        complete = reason is None or reason.check(ResponseDone, http.PotentialDataLoss)
+        complete = bool(reason is None or reason.check(ResponseDone, http.PotentialDataLoss))
         why = None
         if not complete:
             name = self.tried[-1].name
@@ -322,24 +330,10 @@ class Relay:
             why = (f"backend {name} sent nothing for {idle:g}s "
                    "(proxy.stream_idle_timeout_seconds)" if timed_out
                    else f"backend {name} failed mid-response: {reason.getErrorMessage()}")
-        self._release(bool(complete) and self.status < 500, why)
-        self._finish_relay()
-        if self.client_gone:
-            return
-        req = self.request
-        if req.producer is not None:
-            req.unregisterProducer()
-        if complete:
-            req.finish()
-        elif self.sse:
-            log.warn("stream {request_id} cut: {why}", request_id=self.request_id, why=why)
-            req.write(sse_error_event(why, "upstream_stream_failed"))
-            req.finish()
-        else:
-            # The head is out and the body is short: only a cut connection
-            # tells the client that the answer is incomplete.
             log.warn("response {request_id} cut: {why}", request_id=self.request_id, why=why)
-            req.channel.transport.abortConnection()
+        self._release(complete and self.status < 500, why)
+        self._finish()
+        self.sink.end(complete, why)
 
     def _failed(self, failure: Failure, d: Any) -> None:
         if d is not self.pending:
@@ -347,10 +341,6 @@ class Relay:
         self.pending = None
         self._cancel_deadline()
         name = self.tried[-1].name
-        if self.client_gone:
-            self._release(None)
-            self._finish_relay()
-            return
         why = f"backend {name} unreachable: {failure.getErrorMessage()}"
         self._release(False, why)
         if failure.check(*CONNECT_FAILURES):
@@ -364,34 +354,88 @@ class Relay:
             log.failure("request {request_id} to {backend}", failure,
                         request_id=self.request_id, backend=name)
             why = f"backend {name} failed: {failure.getErrorMessage()}"
-        self._answer_error(502, why, "upstream_unreachable")
+        self._fail(502, why, "upstream_unreachable")
 
     def _bug(self, failure: Failure) -> None:
         log.failure("relaying request {request_id}", failure, request_id=self.request_id)
         self._release(None)
-        self._finish_relay()
-        if not self.client_gone and not self.request.finished:
-            if self.request.startedWriting:
-                self.request.channel.transport.abortConnection()
-            else:
-                self._answer_error(500, "internal gateway error", "internal_error")
+        self._finish()
+        if self.committed:
+            self.sink.end(False, "internal gateway error")
+        else:
+            self.sink.fail(500, "internal gateway error", "internal_error", False)
 
-    # -- client side
-    def _answer_error(self, status: int, message: str, code: str,
-                      retry_after: bool = False) -> None:
-        self._finish_relay()
+    def _fail(self, status: int, message: str, code: str, retry_after: bool = False) -> None:
+        self._finish()
         self.status = status
-        body = write_error(self.request, status, message, code)
-        if retry_after:
-            self.request.setHeader(b"Retry-After", b"1")
-        self.request.write(body)
-        self.request.finish()
+        self.sink.fail(status, message, code, retry_after)
 
-    def _client_lost(self, reason: Failure) -> None:
-        self.client_gone = True
-        if self.done:
-            return
-        # Closing the upstream request stops the backend generating for nobody.
-        self._drop_attempt()
-        self._release(None)
-        self._finish_relay()
+
+def answer_error(request: Request, status: int, message: str, code: str,
+                 retry_after: bool = False) -> None:
+    if request.finished or request._disconnected:
+        return
+    body = write_error(request, status, message, code)
+    if retry_after:
+        request.setHeader(b"Retry-After", b"1")
+    request.write(body)
+    request.finish()
+
+
+def end_response(request: Request, complete: bool, sse: bool, why: Optional[str]) -> None:
+    """Finish a committed answer: whole, with an SSE error event, or cut."""
+    if request.finished or request._disconnected:
+        return
+    if request.producer is not None:
+        request.unregisterProducer()
+    if complete:
+        request.finish()
+    elif sse:
+        request.write(sse_error_event(why or "upstream failed", "upstream_stream_failed"))
+        request.finish()
+    else:
+        # The head is out and the body is short: only a cut connection
+        # tells the client that the answer is incomplete.
+        request.channel.transport.abortConnection()
+
+
+class ClientSink:
+    """One client, fed directly: the upstream socket is its producer."""
+
+    def __init__(self, request: Request, cache_status: Optional[bytes] = None) -> None:
+        self.request = request
+        self.cache_status = cache_status
+        self.exchange: Optional[Exchange] = None
+        self.gone = False
+        request.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, reason: Failure) -> None:
+        self.gone = True
+        if self.exchange is not None:
+            self.exchange.cancel()
+
+    def commit(self, exchange: Exchange, response: IResponse, transport: Any) -> None:
+        req = self.request
+        req.setResponseCode(response.code, response.phrase)
+        for name, values in exchange.response_headers().getAllRawHeaders():
+            req.responseHeaders.setRawHeaders(name, values)
+        req.setHeader(b"X-Backend", exchange.backend_name.encode())
+        if self.cache_status:
+            req.setHeader(b"X-Cache", self.cache_status)
+        if response.length is not UNKNOWN_LENGTH:
+            req.setHeader(b"Content-Length", b"%d" % response.length)
+        req.registerProducer(transport, True)
+
+    def write(self, data: bytes) -> None:
+        if not self.gone:
+            self.request.write(data)
+
+    def end(self, complete: bool, why: Optional[str]) -> None:
+        if not self.gone:
+            end_response(self.request, complete, self.exchange.sse, why)
+
+    def fail(self, status: int, message: str, code: str, retry_after: bool) -> None:
+        if not self.gone:
+            if self.cache_status:
+                self.request.setHeader(b"X-Cache", self.cache_status)
+            answer_error(self.request, status, message, code, retry_after)

@@ -1,0 +1,1 @@
+"""The response cache: keys, the byte-bounded LRU store, coalescing and replay."""

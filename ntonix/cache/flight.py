@@ -1,0 +1,311 @@
+"""One upstream answer shared by every client that asked the same question.
+
+A ``Flight`` is the sink of one ``Exchange``: it keeps the answer's head and
+its chunks as they arrive (one copy per group), and each client is a
+``Subscriber`` that writes from that list at its own pace, as a push producer
+on its own connection. A late joiner starts from the first chunk and then
+follows the live ones. The upstream socket is paused only when every
+subscriber is paused, so a slow joiner never slows the others or the backend,
+while a lone slow client still pushes back on the backend as a direct relay
+does. When the last client leaves, the upstream request is cancelled. A
+complete 200 is stored in the cache.
+
+A ``Replay`` answers a cache hit from a stored entry, at once or paced at the
+recorded cadence.
+"""
+
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.logger import Logger
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from ntonix.cache.store import Entry, ResponseStore
+from ntonix.upstream.relay import answer_error, end_response
+
+if TYPE_CHECKING:
+    from ntonix.upstream.relay import Exchange
+
+log = Logger(namespace="ntonix.cache.flight")
+
+# Headers that describe one delivery, not the answer: never stored or shared.
+PER_RESPONSE = frozenset({b"date", b"server", b"x-request-id", b"content-length"})
+
+
+@implementer(IPushProducer)
+class Subscriber:
+    """One client of a flight, written to as fast as it reads."""
+
+    def __init__(self, flight: "Flight", request: Request, cache_status: bytes) -> None:
+        self.flight = flight
+        self.request = request
+        self.cache_status = cache_status
+        self.index = 0
+        self.paused = False
+        self.started = False
+        self.finished = False
+        self.gone = False
+        request.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, _: Any) -> None:
+        self.gone = True
+        self.flight.leave(self)
+
+    # -- IPushProducer: the client's connection says when it wants more
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.flight.subscriber_paused()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.pump()
+        self.flight.subscriber_resumed()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def start(self) -> None:
+        """Write the head once the flight has one."""
+        if self.started or self.gone:
+            return
+        self.started = True
+        f, req = self.flight, self.request
+        req.setResponseCode(f.code, f.phrase)
+        for name, values in f.headers:
+            req.responseHeaders.setRawHeaders(name, values)
+        if f.backend_name:
+            req.setHeader(b"X-Backend", f.backend_name.encode())
+        req.setHeader(b"X-Cache", self.cache_status)
+        if f.length is not None:
+            req.setHeader(b"Content-Length", b"%d" % f.length)
+        req.registerProducer(self, True)
+        self.pump()
+
+    def pump(self) -> None:
+        if not self.started or self.gone or self.finished:
+            return
+        f = self.flight
+        # request.write may pause us from inside (the socket buffer filled).
+        while not self.paused and self.index < f.base + len(f.chunks):
+            chunk = f.chunks[self.index - f.base]
+            self.index += 1
+            self.request.write(chunk)
+        if f.ended and self.index >= f.base + len(f.chunks) and not self.paused:
+            self.finished = True
+            end_response(self.request, f.complete, f.sse, f.why)
+            f.leave(self)
+
+    def fail(self, status: int, message: str, code: str, retry_after: bool) -> None:
+        if self.gone or self.finished:
+            return
+        self.finished = True
+        self.request.setHeader(b"X-Cache", self.cache_status)
+        answer_error(self.request, status, message, code, retry_after)
+
+
+class Flight:
+    """The shared answer to one question, while it is being generated."""
+
+    def __init__(self, key: bytes, store: Optional[ResponseStore], now: Callable[[], float],
+                 on_done: Callable[["Flight"], None]) -> None:
+        self.key = key
+        self.store = store  # None: share, but do not keep (no-store)
+        self.now = now
+        self.on_done = on_done
+        self.exchange: Optional["Exchange"] = None
+        self.subscribers: List[Subscriber] = []
+        self.code = 0
+        self.phrase = b""
+        self.headers: list = []
+        self.length: Optional[int] = None
+        self.backend_name: Optional[str] = None
+        self.sse = False
+        self.chunks: List[bytes] = []
+        self.times: List[float] = []
+        self.base = 0  # absolute index of chunks[0], once the head is trimmed
+        self.size = 0
+        self.recording = True  # within the entry cap: keep every chunk, allow joiners
+        self.committed_at = 0.0
+        self.upstream: Any = None
+        self.upstream_paused = False
+        self.ended = False
+        self.complete = False
+        self.why: Optional[str] = None
+        self.failed = False
+
+    @property
+    def joinable(self) -> bool:
+        return self.recording and not self.failed and not (self.ended and not self.complete)
+
+    def join(self, request: Request, cache_status: bytes) -> Subscriber:
+        sub = Subscriber(self, request, cache_status)
+        self.subscribers.append(sub)
+        if self.code:
+            sub.start()
+        return sub
+
+    def leave(self, sub: Subscriber) -> None:
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+        if not self.subscribers and not self.ended and not self.failed:
+            # The last client left: nobody wants this answer any more.
+            if self.exchange is not None:
+                self.exchange.cancel()
+            self._detach()
+        else:
+            self._trim()
+            self.subscriber_resumed()
+
+    # -- sink interface for the Exchange
+    def commit(self, exchange: "Exchange", response: IResponse, transport: Any) -> None:
+        self.code, self.phrase = response.code, response.phrase
+        self.headers = [(n, list(v)) for n, v in exchange.response_headers().getAllRawHeaders()
+                        if n.lower() not in PER_RESPONSE]
+        self.length = None if response.length is UNKNOWN_LENGTH else response.length
+        self.backend_name = exchange.backend_name
+        self.sse = exchange.sse
+        self.upstream = transport
+        self.committed_at = self.now()
+        for sub in list(self.subscribers):
+            sub.start()
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.recording:
+            self.times.append(self.now() - self.committed_at)
+            if self.store is None or self.size > self.store.max_entry_bytes:
+                # Too big to keep: stop recording, let no one else join, and
+                # keep only what the slowest subscriber has yet to send.
+                self.recording = False
+                self.times = []
+                self._detach()
+        for sub in list(self.subscribers):
+            sub.pump()
+        self._trim()
+        if self.subscribers and all(s.paused for s in self.subscribers):
+            self._pause_upstream()
+
+    def end(self, complete: bool, why: Optional[str]) -> None:
+        self.ended, self.complete, self.why = True, complete, why
+        self._resume_upstream()
+        if complete and self.code == 200 and self.recording and self.store is not None:
+            now = self.now()
+            entry = Entry(code=self.code, phrase=self.phrase, headers=self.headers,
+                          chunks=self.chunks, sse=self.sse, stored_at=now,
+                          expires_at=now + self.store.ttl,
+                          times=self.times if self.sse else None)
+            self.store.put(self.key, entry)
+        self._detach()
+        for sub in list(self.subscribers):
+            sub.pump()
+
+    def fail(self, status: int, message: str, code: str, retry_after: bool) -> None:
+        # A failing leader leaves nobody hanging: every joiner gets its error.
+        self.failed = True
+        self._detach()
+        for sub in list(self.subscribers):
+            sub.fail(status, message, code, retry_after)
+        self.subscribers = []
+
+    # -- flow control
+    def subscriber_paused(self) -> None:
+        if self.subscribers and all(s.paused for s in self.subscribers):
+            self._pause_upstream()
+
+    def subscriber_resumed(self) -> None:
+        if any(not s.paused for s in self.subscribers) or not self.subscribers:
+            self._resume_upstream()
+
+    def _pause_upstream(self) -> None:
+        if self.upstream is not None and not self.upstream_paused and not self.ended:
+            self.upstream_paused = True
+            self.upstream.pauseProducing()
+
+    def _resume_upstream(self) -> None:
+        if self.upstream is not None and self.upstream_paused:
+            self.upstream_paused = False
+            if not self.ended:
+                self.upstream.resumeProducing()
+
+    def _trim(self) -> None:
+        """Once not recording, drop chunks every subscriber has sent."""
+        if self.recording or not self.subscribers:
+            return
+        low = min(s.index for s in self.subscribers)
+        if low > self.base:
+            del self.chunks[:low - self.base]
+            self.base = low
+
+    def _detach(self) -> None:
+        """No new joiners from here on."""
+        self.on_done(self)
+
+
+@implementer(IPushProducer)
+class Replay:
+    """Answers a cache hit from a stored entry, as fast as the client reads,
+    or at the recorded pace."""
+
+    def __init__(self, entry: Entry, request: Request, clock: Any, paced: bool) -> None:
+        self.entry = entry
+        self.request = request
+        self.clock = clock
+        self.paced = paced and entry.sse and entry.times is not None
+        self.index = 0
+        self.paused = False
+        self.done = False
+        self.timer: Optional[IDelayedCall] = None
+        self.started_at = 0.0
+        request.notifyFinish().addErrback(self._lost)
+
+    def start(self) -> None:
+        e, req = self.entry, self.request
+        req.setResponseCode(e.code, e.phrase)
+        for name, values in e.headers:
+            req.responseHeaders.setRawHeaders(name, values)
+        req.setHeader(b"X-Cache", b"HIT")
+        req.setHeader(b"Age", b"%d" % max(0, int(self.clock.seconds() - e.stored_at)))
+        if not e.sse:
+            req.setHeader(b"Content-Length", b"%d" % sum(len(c) for c in e.chunks))
+        self.started_at = self.clock.seconds()
+        req.registerProducer(self, True)
+        self.pump()
+
+    def _lost(self, _: Any) -> None:
+        self.done = True
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._cancel()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.pump()
+
+    def stopProducing(self) -> None:
+        self._lost(None)
+
+    def pump(self) -> None:
+        self.timer = None
+        chunks, times = self.entry.chunks, self.entry.times
+        while not self.done and not self.paused and self.index < len(chunks):
+            if self.paced:
+                due = self.started_at + times[self.index] - self.clock.seconds()
+                if due > 0:
+                    self.timer = self.clock.callLater(due, self.pump)
+                    return
+            self.request.write(chunks[self.index])
+            self.index += 1
+        if not self.done and self.index >= len(chunks) and not self.paused:
+            self.done = True
+            self.request.unregisterProducer()
+            self.request.finish()

@@ -1,0 +1,139 @@
+"""The cache as the request path sees it: the policy for one request, the
+store of complete answers, and the map of answers being generated."""
+
+from typing import Any, Dict, Optional
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from ntonix.cache.flight import Flight, Replay
+from ntonix.cache.key import cache_key, is_sampled
+from ntonix.cache.store import ResponseStore
+from ntonix.config import CacheConfig
+
+log = Logger(namespace="ntonix.cache")
+
+MB = 1024 * 1024
+HIT, MISS, BYPASS = b"HIT", b"MISS", b"BYPASS"
+
+
+@attrs.frozen
+class Decision:
+    """What the cache does for one request."""
+
+    label: bytes  # the X-Cache answer when it goes upstream
+    key: Optional[bytes] = None
+    lookup: bool = False  # may be answered from the store or an in-flight twin
+    store: bool = False  # its complete answer may be kept
+
+
+def cache_control(request: Request) -> set:
+    tokens = set()
+    for value in request.requestHeaders.getRawHeaders(b"cache-control", []):
+        tokens.update(t.strip().lower().split(b"=")[0] for t in value.split(b","))
+    return tokens
+
+
+class ResponseCache:
+    def __init__(self, config: CacheConfig, clock: Any) -> None:
+        self.clock = clock
+        self.config = config
+        self.store = ResponseStore(int(config.max_size_mb * MB), config.ttl_seconds,
+                                   int(config.max_entry_mb * MB), clock.seconds)
+        self.flights: Dict[bytes, Flight] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    @property
+    def stats(self) -> Any:
+        return self.store.stats
+
+    def reconfigure(self, config: CacheConfig) -> None:
+        self.config = config
+        s = self.store
+        s.max_bytes = int(config.max_size_mb * MB)
+        s.ttl = config.ttl_seconds
+        s.max_entry_bytes = int(config.max_entry_mb * MB)
+        if not config.enabled:
+            s.clear()
+
+    def decide(self, route: str, doc: dict, stream: bool, request: Request) -> Decision:
+        cc = cache_control(request)
+        if b"no-store" in cc:
+            self.stats.bypasses += 1
+            return Decision(BYPASS)
+        if is_sampled(doc) and not self.config.sampled:
+            # A fresh random draw was asked for, as a "regenerate" button does.
+            self.stats.bypasses += 1
+            return Decision(BYPASS)
+        auth = request.requestHeaders.getRawHeaders(b"authorization", [None])[0]
+        key = cache_key(route, doc, stream, auth, self.config.scope)
+        if b"no-cache" in cc:
+            self.stats.bypasses += 1
+            return Decision(BYPASS, key, lookup=False, store=True)
+        return Decision(MISS, key, lookup=True, store=True)
+
+    def answer_from_cache(self, decision: Decision, request: Request) -> bool:
+        """Answer ``request`` from the store or by joining its twin in flight."""
+        assert decision.key is not None
+        entry = self.store.get(decision.key)
+        if entry is not None:
+            self.stats.hits += 1
+            Replay(entry, request, self.clock, self.config.replay == "paced").start()
+            return True
+        flight = self.flights.get(decision.key)
+        if flight is not None and flight.joinable:
+            self.stats.coalesced += 1
+            flight.join(request, HIT)
+            return True
+        self.stats.misses += 1
+        return False
+
+    def new_flight(self, decision: Decision) -> Flight:
+        assert decision.key is not None
+        flight = Flight(decision.key, self.store, self.clock.seconds, self._landed)
+        # A no-cache request gets its own fresh answer; it does not displace
+        # a twin already in flight under the same key.
+        self.flights.setdefault(decision.key, flight)
+        return flight
+
+    def _landed(self, flight: Flight) -> None:
+        if self.flights.get(flight.key) is flight:
+            del self.flights[flight.key]
+
+    def as_json(self) -> dict:
+        doc = self.store.as_json(self.enabled)
+        doc["in_flight"] = len(self.flights)
+        return doc
+
+
+class CacheSweeper(Service):
+    """Drops expired entries now and then; reads also skip them lazily."""
+
+    def __init__(self, cache: ResponseCache, clock: Any, interval: float = 30.0) -> None:
+        self.cache = cache
+        self.loop = LoopingCall(self._sweep)
+        self.loop.clock = clock
+        self.interval = interval
+
+    def _sweep(self) -> None:
+        try:
+            n = self.cache.store.sweep()
+            if n:
+                log.debug("swept {n} expired cache entries", n=n)
+        except Exception:
+            log.failure("sweeping the cache")
+
+    def startService(self) -> None:
+        super().startService()
+        self.loop.start(self.interval, now=False)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
