@@ -15,7 +15,6 @@ import json
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -302,9 +301,9 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller counts, shorter windows")
     args = p.parse_args()
-    t0 = time.time()
+
     task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
-    print(f"done in {time.time() - t0:.0f}s")
+
 
 
 if __name__ == "__main__":

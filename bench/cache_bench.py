@@ -1,0 +1,161 @@
+"""Cache benchmark: how much backend work a repetitive workload saves.
+
+    .venv/bin/python bench/cache_bench.py            # about a minute
+    .venv/bin/python bench/cache_bench.py --quick
+
+Replays a seeded workload of chat prompts drawn Zipf-like from a pool (so a
+few are very popular and arrive concurrently), half of them streamed, all
+deterministic (temperature 0), through the gateway in front of one mock
+backend, and prints the share of client requests that never reached the
+backend (counted by the mock itself) beside the best any cache could do on
+this workload (one backend request per distinct question). Then it measures
+cache hits alone: requests/s at 64 clients and p99 latency, against the mock
+answering the same requests directly. Everything runs on 127.0.0.1 and every
+loop is bounded.
+"""
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any, List, Tuple
+
+from twisted.internet import defer, task
+
+sys.path.insert(0, str(Path(__file__).parent))
+from proxy_bench import Child, connect, pct  # noqa: E402
+
+
+def zipf_workload(n: int, pool: int, s: float, seed: int) -> List[Tuple[int, bool]]:
+    rng = random.Random(seed)
+    weights = [1.0 / (rank ** s) for rank in range(1, pool + 1)]
+    prompts = rng.choices(range(pool), weights, k=n)
+    return [(p, rng.random() < 0.5) for p in prompts]
+
+
+def request_bytes(prompt: int, stream: bool) -> bytes:
+    body = json.dumps({"model": "mock-llm", "stream": stream, "temperature": 0,
+                       "max_tokens": 16,
+                       "messages": [{"role": "user", "content": f"question {prompt}"}]}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+async def get_json(reactor: Any, port: int, path: str) -> Any:
+    c = await connect(reactor, port)
+    c.captured = b""
+    orig = c.dataReceived
+
+    def keep(data: bytes) -> None:
+        c.captured += data
+        orig(data)
+
+    c.dataReceived = keep
+    await c.request(b"GET %s HTTP/1.1\r\nHost: b\r\n\r\n" % path.encode())
+    c.transport.loseConnection()
+    body = c.captured.partition(b"\r\n\r\n")[2]
+    if b"\r\n" in body.split(b"{", 1)[0]:  # chunked
+        body = body.split(b"\r\n", 1)[1].rsplit(b"\r\n0\r\n", 1)[0]
+    return json.loads(body)
+
+
+async def replay(reactor: Any, port: int, work: List[Tuple[int, bool]], clients: int,
+                 limit_s: float) -> float:
+    conns = [await connect(reactor, port) for _ in range(clients)]
+    queue = list(reversed(work))
+    deadline = reactor.seconds() + limit_s
+
+    async def worker(c: Any) -> None:
+        while queue and reactor.seconds() < deadline:
+            prompt, stream = queue.pop()
+            status, *_ = await c.request(request_bytes(prompt, stream))
+            assert status == 200, status
+
+    start = reactor.seconds()
+    await defer.gatherResults([defer.Deferred.fromCoroutine(worker(c)) for c in conns])
+    for c in conns:
+        c.transport.loseConnection()
+    return reactor.seconds() - start
+
+
+async def hammer(reactor: Any, port: int, prompts: List[int], clients: int,
+                 seconds: float) -> Tuple[float, List[float]]:
+    conns = [await connect(reactor, port) for _ in range(clients)]
+    deadline = reactor.seconds() + seconds
+    lat: List[float] = []
+
+    async def worker(c: Any, k: int) -> None:
+        i = 0
+        while reactor.seconds() < deadline:
+            status, _, _, total = await c.request(request_bytes(prompts[(k + i) % len(prompts)],
+                                                                False))
+            assert status == 200, status
+            lat.append(total)
+            i += 1
+
+    start = reactor.seconds()
+    await defer.gatherResults([defer.Deferred.fromCoroutine(worker(c, k))
+                               for k, c in enumerate(conns)])
+    elapsed = reactor.seconds() - start
+    for c in conns:
+        c.transport.loseConnection()
+    return len(lat) / elapsed, lat
+
+
+async def run(reactor: Any, args: argparse.Namespace) -> None:
+    py = sys.executable
+    twistd = str(Path(py).with_name("twistd"))
+    mock = Child(rb"listening on 127\.0\.0\.1:(\d+)")
+    reactor.spawnProcess(mock, py, [py, "-m", "ntonix_mock", "--port", "0", "--id", "bench",
+                                    "--ttft-ms", "30", "--itl-ms", "5"],
+                         env={"PYTHONUNBUFFERED": "1"})
+    mock_port = await mock.up.addTimeout(20, reactor)
+    gw = Child(rb"http listening on [0-9.]+:(\d+)")
+    reactor.spawnProcess(gw, twistd, [twistd, "-n", "--pidfile=", "ntonix", "--port", "0",
+                                      "--bind", "127.0.0.1", "--backend", f"127.0.0.1:{mock_port}",
+                                      "--log-level", "warn"],
+                         env={"PYTHONUNBUFFERED": "1"})
+    gw_port = await gw.up.addTimeout(20, reactor)
+
+    n = 1000 if args.quick else 4000
+    work = zipf_workload(n, pool=300, s=1.1, seed=7)
+    distinct = len(set(work))
+    elapsed = await replay(reactor, gw_port, work, clients=32, limit_s=120)
+    backend = (await get_json(reactor, mock_port, "/stats"))["by_path"]["/v1/chat/completions"]
+    cache = await get_json(reactor, gw_port, "/cache/stats")
+    saved = 100.0 * (n - backend) / n
+    best = 100.0 * (n - distinct) / n
+    print(f"workload: {n} requests, {distinct} distinct questions (Zipf s=1.1 over 300 prompts, "
+          f"half streamed), 32 clients, replayed in {elapsed:.1f}s", flush=True)
+    print(f"  backend requests: {backend}  -> backend requests saved: {saved:.1f}% "
+          f"(best possible on this workload: {best:.1f}%)", flush=True)
+    print(f"  gateway cache: {cache['hits']} hits, {cache['coalesced']} coalesced into "
+          f"in-flight twins, {cache['misses']} misses, {cache['entries']} entries, "
+          f"{cache['size_bytes'] / 1024:.0f} KB", flush=True)
+
+    hot = sorted({p for p, s in work if not s})[:50]
+    secs = 3 if args.quick else 8
+    hit_rps, hit_lat = await hammer(reactor, gw_port, hot, 64, secs)
+    direct_rps, direct_lat = await hammer(reactor, mock_port, hot, 64, secs)
+    print(f"  cache hits, 64 clients: {hit_rps:.0f} requests/s, p50 {1000 * pct(hit_lat, 50):.2f} ms,"
+          f" p99 {1000 * pct(hit_lat, 99):.2f} ms", flush=True)
+    print(f"  same requests direct to the mock backend: {direct_rps:.0f} requests/s, "
+          f"p99 {1000 * pct(direct_lat, 99):.2f} ms (ratio x{hit_rps / direct_rps:.2f})",
+          flush=True)
+    for child in (gw, mock):
+        child.transport.signalProcess("TERM")
+    await defer.gatherResults([gw.ended, mock.ended]).addTimeout(30, reactor)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smaller workload")
+    args = p.parse_args()
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
+
+
+if __name__ == "__main__":
+    main()
