@@ -188,11 +188,17 @@ class Config:
     demo: DemoConfig = field(factory=DemoConfig)
     # Where the file part came from, for reloads and the console; not a setting.
     source_file: Optional[str] = field(default=None)
+    # Where each setting that is not a default came from, for errors found
+    # after validation (a certificate that does not load, say).
+    sources: Dict[str, str] = field(factory=dict, eq=False)
+
+    def source_of(self, key: str) -> str:
+        return self.sources.get(key, DEFAULT_SOURCE)
 
 
 SECTIONS: Dict[str, type] = {
     f.name: f.type for f in attrs.fields(Config)
-    if f.name not in ("backends", "source_file")
+    if f.name not in ("backends", "source_file", "sources")
 }
 
 # Short environment names from the seed, mapped to the setting they alias.
@@ -497,7 +503,8 @@ def build(layers: Sequence[Mapping[str, Raw]], source_file: Optional[str] = None
     if errors:
         raise ConfigError(errors)
     built = {s: SECTIONS[s](**sections.get(s, {})) for s in SECTIONS}
-    cfg = Config(backends=tuple(backends), source_file=source_file, **built)
+    cfg = Config(backends=tuple(backends), source_file=source_file,
+                 sources={k: raw.source for k, raw in merged.items()}, **built)
     return _check_combinations(cfg, merged)
 
 
@@ -507,6 +514,17 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
     if cfg.ssl.enabled and not (cfg.ssl.cert_file and cfg.ssl.key_file):
         src = merged.get("ssl.enabled", Raw(True, DEFAULT_SOURCE, False)).source
         errors.append(f"ssl.enabled = true ({src}): needs ssl.cert_file and ssl.key_file")
+    if bool(cfg.ssl.cert_file) != bool(cfg.ssl.key_file):
+        given = "ssl.cert_file" if cfg.ssl.cert_file else "ssl.key_file"
+        missing = "ssl.key_file" if cfg.ssl.cert_file else "ssl.cert_file"
+        errors.append(f"{given} = {_show(getattr(cfg.ssl, given.split('.')[1]))} "
+                      f"({merged[given].source}): needs {missing} too")
+    for host, pair in cfg.ssl.sni.items():
+        src = merged["ssl.sni"].source
+        if not isinstance(pair, dict) or set(pair) != {"cert_file", "key_file"} \
+                or not all(isinstance(v, str) and v for v in pair.values()):
+            errors.append(f"ssl.sni.{host} = {_show(pair)} ({src}): expected "
+                          '{"cert_file": "...", "key_file": "..."}')
     if errors:
         raise ConfigError(errors)
     return cfg

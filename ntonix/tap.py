@@ -5,6 +5,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import MultiService
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from ntonix import config as cfgmod
@@ -14,6 +15,7 @@ from ntonix.gateway import Gateway
 from ntonix.http.channel import GatewaySite, Limits
 from ntonix.http.routes import Router
 from ntonix.routing.health import HealthChecker
+from ntonix.tls import ServerTLS, tls_wanted
 from ntonix.services import DemoBackendsService, DrainService, ListenerService, ReloadService
 
 
@@ -141,6 +143,13 @@ def build_service(config: cfgmod.Config, reactor: Any,
 
     ``reloader`` reads the configuration again for SIGHUP.
     """
+    tls = None
+    if tls_wanted(config):
+        try:
+            tls = ServerTLS(config)
+        except ConfigError as e:
+            raise SystemExit("\n".join(f"ntonix: invalid configuration: {line}"
+                                       for line in e.lines)) from None
     top = MultiService()
     gateway = Gateway(config, reactor)
     top.gateway = gateway  # type: ignore[attr-defined]
@@ -151,10 +160,16 @@ def build_service(config: cfgmod.Config, reactor: Any,
     HealthChecker(gateway, reactor).setServiceParent(top)
     CacheSweeper(gateway.cache, reactor).setServiceParent(top)
     if reloader is not None:
-        ReloadService(reactor, gateway, reloader).setServiceParent(top)
+        ReloadService(reactor, gateway, reloader,
+                      extra=[tls.reload] if tls else []).setServiceParent(top)
     DrainService(reactor, gateway, [site]).setServiceParent(top)
     ListenerService(reactor, config.server.port, config.server.bind_address, site,
                     "http").setServiceParent(top)
+    if tls is not None:
+        # The same site behind TLS: identical routes, limits and streaming.
+        ListenerService(reactor, config.server.ssl_port, config.server.bind_address,
+                        TLSMemoryBIOFactory(tls, False, site), "https").setServiceParent(top)
+    top.tls = tls  # type: ignore[attr-defined]
     return top
 
 

@@ -103,16 +103,22 @@ class GuardedChannel(http.HTTPChannel):
     _phase = IDLE
     _deadline: Optional[IDelayedCall] = None
     _closing = False
+    _bytes_seen = False
 
     def connectionMade(self) -> None:
         self.maxHeaders = self.limits.max_headers
         self.totalHeadersSize = self.limits.max_header_bytes
         super().connectionMade()
         self.factory.channels.add(self)
+        # From the connection on, not the first byte: a client that connects
+        # and sends nothing (or stalls in the TLS handshake, which happens
+        # below this protocol) is dropped at the head deadline too.
+        self._enter(HEAD, self.limits.header_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        self._bytes_seen = True
         if self._phase == IDLE and not self._handlingRequest:
             self._enter(HEAD, self.limits.header_timeout)
         super().dataReceived(data)
@@ -141,8 +147,9 @@ class GuardedChannel(http.HTTPChannel):
 
     @property
     def busy(self) -> bool:
-        """Whether a request is being received or answered on this connection."""
-        return self._phase != IDLE or bool(self.requests)
+        """Whether a request (from its request line on) is being received or
+        answered on this connection; a silent or idle one is not."""
+        return bool(self.requests)
 
     def _enter(self, phase: str, timeout: Optional[float]) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -155,6 +162,13 @@ class GuardedChannel(http.HTTPChannel):
     def _deadline_passed(self, phase: str) -> None:
         self._deadline = None
         peer = self.transport.getPeer()
+        if not self._bytes_seen:
+            # Nothing was ever said (or the TLS handshake never finished):
+            # there is no one to answer, just let go of the socket.
+            log.debug("dropping silent connection from {peer}", peer=str(peer))
+            self._closing = True
+            self.transport.abortConnection()
+            return
         log.info("closing {peer}: request {phase} not received within its deadline",
                  peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}", phase=phase)
         setting = "server.header_timeout_seconds" if phase == HEAD else "server.body_timeout_seconds"
