@@ -129,7 +129,8 @@ def build_options(config: Config) -> CertificateOptions:
     def for_name(server_name: Optional[bytes]) -> Optional[SSL.Context]:
         if not server_name:
             return None
-        name = server_name.decode("idna", "replace").lower()
+        # SNI carries A-labels (ASCII); anything else matches nothing.
+        name = server_name.decode("ascii", "replace").lower()
         opts = exact.get(name) or next((o for h, o in wild if matches(h, name)), None)
         return opts.getContext() if opts is not None else None
 
