@@ -32,6 +32,7 @@ setup(
         "ntonix.upstream",
         "ntonix.routing",
         "ntonix.cache",
+        "ntonix.observe",
         "ntonix_mock",
         "twisted.plugins",
     ],

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from ntonix.cache.manager import ResponseCache
 from ntonix.config import BackendConfig, Config, all_settings
+from ntonix.observe.metrics import Metrics
 from ntonix.routing.backend import Backend
 from ntonix.routing.balancer import make_balancer
 from ntonix.routing.breaker import CircuitBreaker
@@ -37,6 +38,7 @@ class Gateway:
             connect_timeout=config.proxy.connect_timeout_seconds,
         )
         self.cache = ResponseCache(config.cache, reactor)
+        self.metrics = Metrics(self)
         self.active_relays = 0
         self.draining = False
         # Called after the backend list changes (the health checker listens).

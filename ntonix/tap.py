@@ -5,7 +5,9 @@ import os
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import MultiService
+from twisted.logger import ILogObserver
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.components import Componentized
 from twisted.python import usage
 
 from ntonix import config as cfgmod
@@ -14,6 +16,7 @@ from ntonix.cache.manager import CacheSweeper
 from ntonix.gateway import Gateway
 from ntonix.http.channel import GatewaySite, Limits
 from ntonix.http.routes import Router
+from ntonix.observe.logs import make_observer
 from ntonix.routing.health import HealthChecker
 from ntonix.tls import ServerTLS, tls_wanted
 from ntonix.services import DemoBackendsService, DrainService, ListenerService, ReloadService
@@ -137,6 +140,26 @@ def makeService(options: Options) -> MultiService:
     return build_service(config, reactor, lambda: read_config(options))
 
 
+class GatewayService(MultiService):
+    """The top of the service tree; it brings the gateway's log observers.
+
+    twistd starts logging after ``makeService``, with the ``ILogObserver``
+    component of the application it attaches this service to, when it has
+    one: set it there, so that ``logging.*`` decides where logs go.
+    """
+
+    def __init__(self, observer: Any) -> None:
+        super().__init__()
+        self.observer = observer
+        self.gateway: Any = None
+        self.tls: Any = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, self.observer)
+        return super().setServiceParent(parent)
+
+
 def build_service(config: cfgmod.Config, reactor: Any,
                   reloader: Optional[Callable[[], cfgmod.Config]] = None) -> MultiService:
     """The whole gateway as a service tree, on ``reactor``.
@@ -150,11 +173,12 @@ def build_service(config: cfgmod.Config, reactor: Any,
         except ConfigError as e:
             raise SystemExit("\n".join(f"ntonix: invalid configuration: {line}"
                                        for line in e.lines)) from None
-    top = MultiService()
+    top = GatewayService(make_observer(config.logging))
     gateway = Gateway(config, reactor)
-    top.gateway = gateway  # type: ignore[attr-defined]
+    top.gateway = gateway
     limits = Limits.from_config(config.server)
     site = GatewaySite(Router(gateway), limits, reactor)
+    gateway.metrics.sites.append(site)
     if config.demo.enabled:
         DemoBackendsService(reactor, gateway, config.demo.ports).setServiceParent(top)
     HealthChecker(gateway, reactor).setServiceParent(top)
@@ -169,7 +193,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
         # The same site behind TLS: identical routes, limits and streaming.
         ListenerService(reactor, config.server.ssl_port, config.server.bind_address,
                         TLSMemoryBIOFactory(tls, False, site), "https").setServiceParent(top)
-    top.tls = tls  # type: ignore[attr-defined]
+    top.tls = tls
     return top
 
 

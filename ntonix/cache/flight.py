@@ -23,7 +23,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from ntonix.cache.store import Entry, ResponseStore
-from ntonix.upstream.relay import answer_error, end_response
+from ntonix.upstream.relay import answer_error, end_response, server_timing
 
 if TYPE_CHECKING:
     from ntonix.upstream.relay import Exchange
@@ -80,6 +80,15 @@ class Subscriber:
         req.setHeader(b"X-Cache", self.cache_status)
         if f.length is not None:
             req.setHeader(b"Content-Length", b"%d" % f.length)
+        info = getattr(req, "info", None)
+        if info is not None:
+            # A joiner waited for the shared answer: that is upstream time.
+            if info.upstream_sent_at is None:
+                info.upstream_sent_at = info.received_at
+            if info.upstream_head_at is None:
+                info.upstream_head_at = f.committed_at
+            info.backend = info.backend or f.backend_name
+        server_timing(req)
         req.registerProducer(self, True)
         self.pump()
 
@@ -101,6 +110,9 @@ class Subscriber:
         if self.gone or self.finished:
             return
         self.finished = True
+        info = getattr(self.request, "info", None)
+        if info is not None:
+            info.upstream_failed = True
         self.request.setHeader(b"X-Cache", self.cache_status)
         answer_error(self.request, status, message, code, retry_after)
 
@@ -270,6 +282,7 @@ class Replay:
         req.setHeader(b"Age", b"%d" % max(0, int(self.clock.seconds() - e.stored_at)))
         if not e.sse:
             req.setHeader(b"Content-Length", b"%d" % sum(len(c) for c in e.chunks))
+        server_timing(req)
         self.started_at = self.clock.seconds()
         req.registerProducer(self, True)
         self.pump()

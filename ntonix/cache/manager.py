@@ -13,6 +13,7 @@ from ntonix.cache.flight import Flight, Replay
 from ntonix.cache.key import cache_key, is_sampled
 from ntonix.cache.store import ResponseStore
 from ntonix.config import CacheConfig
+from ntonix.observe.access import annotate
 
 log = Logger(namespace="ntonix.cache")
 
@@ -84,11 +85,13 @@ class ResponseCache:
         entry = self.store.get(decision.key)
         if entry is not None:
             self.stats.hits += 1
+            annotate(request, cache="HIT", sse=entry.sse)
             Replay(entry, request, self.clock, self.config.replay == "paced").start()
             return True
         flight = self.flights.get(decision.key)
         if flight is not None and flight.joinable:
             self.stats.coalesced += 1
+            annotate(request, cache="HIT")
             flight.join(request, HIT)
             return True
         self.stats.misses += 1

@@ -17,6 +17,7 @@ from twisted.web import http, server
 from twisted.web.http_headers import Headers
 
 from ntonix.http.errors import raw_error_response
+from ntonix.observe.access import access_log
 from ntonix.upstream.headers import request_id_from
 
 log = Logger(namespace="ntonix.http.channel")
@@ -79,6 +80,15 @@ class GatewayRequest(server.Request):
             return
         super().requestReceived(command, path, version)
 
+    def write(self, data: bytes) -> None:
+        info = getattr(self, "info", None)
+        if info is not None and data:
+            if info.first_byte_at is None:
+                info.first_byte_at = self.channel.clock.seconds() if self.channel \
+                    else info.received_at
+            info.chunks += 1
+        super().write(data)
+
     def processingFailed(self, reason: Any) -> None:
         # A bug of ours must not show the client a traceback or an HTML page.
         log.failure("while handling {method} {uri}", reason,
@@ -110,6 +120,7 @@ class GuardedChannel(http.HTTPChannel):
         self.totalHeadersSize = self.limits.max_header_bytes
         super().connectionMade()
         self.factory.channels.add(self)
+        self.factory.connections_total += 1
         # From the connection on, not the first byte: a client that connects
         # and sends nothing (or stalls in the TLS handshake, which happens
         # below this protocol) is dropped at the head deadline too.
@@ -185,8 +196,12 @@ class GuardedChannel(http.HTTPChannel):
         self._closing = True
         self._enter(IDLE, None)
         headers = self.requests[-1].requestHeaders if self.requests else Headers()
-        self.transport.write(raw_error_response(status, message, code,
-                                                request_id_from(headers)))
+        request_id = request_id_from(headers)
+        self.transport.write(raw_error_response(status, message, code, request_id))
+        peer = self.transport.getPeer()
+        access_log.info("{client} - - {status} rejected: {reason} request_id={request_id}",
+                        client=getattr(peer, "host", str(peer)), status=status, reason=code,
+                        request_id=request_id.decode("ascii", "replace"), outcome="rejected")
         self.loseConnection()
         # A client that will not read our answer must not keep the socket.
         self._abortingCall = self.clock.callLater(self.abortTimeout, self.forceAbortClient)
@@ -218,6 +233,7 @@ class GatewaySite(server.Site):
                          timeout=limits.idle_timeout, reactor=clock)
         self.limits = limits
         self.channels: "set[GuardedChannel]" = set()
+        self.connections_total = 0
 
     def buildProtocol(self, addr: Any) -> GuardedChannel:
         channel = super().buildProtocol(addr)

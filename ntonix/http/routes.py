@@ -26,6 +26,7 @@ from ntonix.http.validate import (
     check_content_type,
     decode_json_body,
 )
+from ntonix.observe.access import CLIENT_CLOSED, UPSTREAM_ERROR, RequestInfo, log_access
 from ntonix.upstream.headers import request_id_from, upstream_request_headers
 from ntonix.upstream.relay import ClientSink, Exchange
 
@@ -41,6 +42,11 @@ FORWARDED = {
     b"/v1/completions": ROUTE_COMPLETIONS,
     b"/v1/embeddings": ROUTE_EMBEDDINGS,
 }
+# Metric labels: known paths only, so a scanner cannot blow up cardinality.
+ROUTE_LABELS = {**{p: r for p, r in FORWARDED.items()},
+                b"/v1/models": "models", b"/": "root", b"/health": "health",
+                b"/backends": "backends", b"/cache/stats": "cache_stats",
+                b"/metrics": "metrics", b"/metrics/prometheus": "metrics"}
 
 
 def json_body(request: server.Request, obj: Any, status: int = 200) -> bytes:
@@ -62,6 +68,8 @@ class Router(Resource):
             (b"GET", b"/health"): (self.health, "gateway health"),
             (b"GET", b"/backends"): (self.backends, "backends and their state"),
             (b"GET", b"/cache/stats"): (self.cache_stats, "response cache counters"),
+            (b"GET", b"/metrics"): (self.metrics, "metrics as JSON (Prometheus text on Accept)"),
+            (b"GET", b"/metrics/prometheus"): (self.prometheus, "metrics as Prometheus text"),
             (b"GET", b"/v1/models"): (self.models, "models of all healthy backends"),
         }
         for path, route in FORWARDED.items():
@@ -71,6 +79,7 @@ class Router(Resource):
         request_id = request_id_from(request.requestHeaders)
         request.setHeader(b"X-Request-ID", request_id)
         request.request_id = request_id
+        self._track(request, request_id)
         if self.gateway.draining:
             # Shutting down: finish this answer, then close the connection.
             request.setHeader(b"Connection", b"close")
@@ -88,6 +97,36 @@ class Router(Resource):
             return write_error(request, 404, f"no route {path.decode('latin-1')!r}; "
                                "GET / lists the endpoints", "not_found")
         return entry[0](request)
+
+    def _track(self, request: server.Request, request_id: bytes) -> None:
+        gw = self.gateway
+        client = request.getClientAddress()
+        path = request.path.split(b"?", 1)[0]
+        info = RequestInfo(
+            request_id=request_id.decode("ascii"), method=request.method.decode("latin-1"),
+            path=path.decode("latin-1"), client=getattr(client, "host", str(client)),
+            received_at=gw.reactor.seconds(),
+            route=ROUTE_LABELS.get(path, "unknown"))
+        request.info = info
+        gw.metrics.active += 1
+
+        def done(result: Any) -> None:
+            gw.metrics.active -= 1
+            info.finished_at = gw.reactor.seconds()
+            if result is not None:  # a Failure: the connection went away first
+                info.outcome = CLIENT_CLOSED
+            elif info.upstream_failed:
+                info.outcome = UPSTREAM_ERROR
+            try:
+                log_access(info, request.code, request.sentLength)
+                gw.metrics.finished(info, request.code)
+            except Exception:
+                log.failure("accounting request {request_id}", request_id=info.request_id)
+
+        request.notifyFinish().addBoth(done)
+        if request.method != b"POST" or path not in FORWARDED:
+            # Answers made here: their head is written now, with no upstream.
+            request.setHeader(b"Server-Timing", info.timing(gw.reactor.seconds()).encode())
 
     # -- information
     def root(self, request: server.Request) -> bytes:
@@ -166,6 +205,20 @@ class Router(Resource):
     def cache_stats(self, request: server.Request) -> bytes:
         return json_body(request, self.gateway.cache.as_json())
 
+    def metrics(self, request: server.Request) -> bytes:
+        """JSON by default; Prometheus text when the client asks for it in
+        Accept, as a Prometheus scraper does."""
+        accept = (request.getHeader(b"accept") or b"").lower()
+        if b"openmetrics" in accept or b"text/plain" in accept:
+            return self.prometheus(request)
+        return json_body(request, self.gateway.metrics.as_json(self.gateway))
+
+    def prometheus(self, request: server.Request) -> bytes:
+        data, content_type = self.gateway.metrics.prometheus(request.getHeader(b"accept"))
+        request.setHeader(b"Content-Type", content_type.encode())
+        request.setHeader(b"Content-Length", b"%d" % len(data))
+        return data
+
     # -- forwarding
     def _forwarder(self, route: str) -> Handler:
         def forward(request: server.Request) -> Any:
@@ -188,6 +241,7 @@ class Router(Resource):
                                            request.request_id, request.isSecure())
         cache = gw.cache
         decision = cache.decide(route, doc, stream, request) if cache.enabled else None
+        request.info.sse = stream
         if decision is not None and decision.lookup and cache.answer_from_cache(decision, request):
             return
         if decision is None or not decision.store:
@@ -195,7 +249,8 @@ class Router(Resource):
         else:
             sink = cache.new_flight(decision)
             sink.join(request, decision.label)
+        request.info.cache = decision.label.decode() if decision else None
         exchange = Exchange(gw, request.method, request.uri, headers, body,
-                            request.request_id, stream, sink)
+                            request.request_id, stream, sink, info=request.info)
         sink.exchange = exchange
         exchange.start()

@@ -143,7 +143,8 @@ class Exchange:
     """
 
     def __init__(self, gateway: "Gateway", method: bytes, path: bytes, headers: Headers,
-                 body: bytes, request_id: bytes, stream: bool, sink: Any) -> None:
+                 body: bytes, request_id: bytes, stream: bool, sink: Any,
+                 info: Any = None) -> None:
         self.gateway = gateway
         self.method = method
         self.path = path
@@ -167,7 +168,7 @@ class Exchange:
         self.bytes_in = 0
         self.cancelled = False
         self.done = False
-        self.started_at = gateway.reactor.seconds()
+        self.info = info  # the leading client's RequestInfo, for timings and the access log
         self.first_byte_at: Optional[float] = None
 
     @property
@@ -193,6 +194,11 @@ class Exchange:
         self.backend = backend
         backend.in_flight += 1
         self.attempt_started = gw.reactor.seconds()
+        if self.info is not None:
+            if self.info.upstream_sent_at is None:
+                self.info.upstream_sent_at = self.attempt_started
+            self.info.backend = backend.name
+            self.info.retries = len(self.tried) - 1
         self.last_attempt = self.retries_left == 0 or not gw.any_available(exclude=self.tried)
         proxy = gw.config.proxy
         # One deadline per attempt, our own timer rather than addTimeout: a
@@ -218,7 +224,9 @@ class Exchange:
         if b is None:
             return
         b.in_flight -= 1
-        b.record(verdict is not False, self.gateway.reactor.seconds() - self.attempt_started, why)
+        elapsed = self.gateway.reactor.seconds() - self.attempt_started
+        b.record(verdict is not False, elapsed, why)
+        self.gateway.metrics.backend_latency.labels(b.name).observe(elapsed)
         if verdict is None:
             b.breaker.release()
         elif verdict:
@@ -307,6 +315,8 @@ class Exchange:
         self._cancel_deadline()
         self.committed = True
         self.first_byte_at = self.gateway.reactor.seconds()
+        if self.info is not None:
+            self.info.upstream_head_at = self.first_byte_at
         assert self.response is not None
         self.sink.commit(self, self.response, pipe.transport)
 
@@ -333,6 +343,8 @@ class Exchange:
             log.warn("response {request_id} cut: {why}", request_id=self.request_id, why=why)
         self._release(complete and self.status < 500, why)
         self._finish()
+        if not complete and self.info is not None:
+            self.info.upstream_failed = True
         self.sink.end(complete, why)
 
     def _failed(self, failure: Failure, d: Any) -> None:
@@ -368,13 +380,23 @@ class Exchange:
     def _fail(self, status: int, message: str, code: str, retry_after: bool = False) -> None:
         self._finish()
         self.status = status
+        if self.info is not None:
+            self.info.upstream_failed = True
         self.sink.fail(status, message, code, retry_after)
+
+
+def server_timing(request: Request) -> None:
+    """Say what the gateway and the upstream each cost, on the head."""
+    info = getattr(request, "info", None)
+    if info is not None:
+        request.setHeader(b"Server-Timing", info.timing(request.channel.clock.seconds()).encode())
 
 
 def answer_error(request: Request, status: int, message: str, code: str,
                  retry_after: bool = False) -> None:
     if request.finished or request._disconnected:
         return
+    server_timing(request)
     body = write_error(request, status, message, code)
     if retry_after:
         request.setHeader(b"Retry-After", b"1")
@@ -424,6 +446,7 @@ class ClientSink:
             req.setHeader(b"X-Cache", self.cache_status)
         if response.length is not UNKNOWN_LENGTH:
             req.setHeader(b"Content-Length", b"%d" % response.length)
+        server_timing(req)
         req.registerProducer(transport, True)
 
     def write(self, data: bytes) -> None:

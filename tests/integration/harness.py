@@ -140,13 +140,48 @@ def gateway_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A port that was free a moment ago (for gateways whose log does not go
+    to stdout, where their listening line cannot be read)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _accepting(port: int, proc: GatewayProcess, timeout: float) -> None:
+    deadline = reactor.seconds() + timeout
+    while True:
+        if proc.ended.called:
+            raise RuntimeError("gateway exited:\n" + proc.output.decode(errors="replace"))
+        try:
+            c = await raw_connect(port)
+            c.transport.loseConnection()
+            return
+        except Exception:
+            if reactor.seconds() > deadline:
+                raise
+            await sleep(0.05)
+
+
 async def start_gateway(args: List[str], env: Optional[Dict[str, str]] = None,
-                        timeout: float = 20.0, cwd: Optional[str] = None) -> GatewayProcess:
+                        timeout: float = 20.0, cwd: Optional[str] = None,
+                        port: Optional[int] = None) -> GatewayProcess:
+    """Start ``twistd ntonix``; with ``port``, wait for it to accept there
+    instead of reading its listening line."""
     proc = GatewayProcess()
+    if port is not None:
+        args = [*args, "--port", str(port)]
     argv = twistd_argv(args)
     reactor.spawnProcess(proc, argv[0], argv, env=gateway_env(env), path=cwd)
     try:
-        await within(proc.listening, timeout)
+        if port is None:
+            await within(proc.listening, timeout)
+        else:
+            proc.listening.addErrback(lambda _: None)
+            await _accepting(port, proc, timeout)
+            proc.port = port
     except Exception:
         proc.terminate("KILL")
         raise

@@ -1,0 +1,121 @@
+"""The gateway's log observers.
+
+Console: one readable line per event on stdout (ANSI colours by level when
+``logging.enable_colors`` and stdout is a terminal), used when
+``logging.file`` is empty. File: one JSON object per line with timestamp,
+level, component (the logger namespace), message and the event's own fields,
+rotated by size with Twisted's ``LogFile``. ``logging.level`` filters both
+(``trace`` is Twisted's debug: Twisted has no lower level).
+"""
+
+import datetime
+import json
+import os
+import sys
+from typing import IO, Any, Dict, List
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
+from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+from zope.interface import implementer
+
+from ntonix.config import LoggingConfig
+
+LEVELS = {"trace": LogLevel.debug, "debug": LogLevel.debug, "info": LogLevel.info,
+          "warn": LogLevel.warn, "error": LogLevel.error}
+COLOURS = {"debug": "\x1b[2m", "info": "", "warn": "\x1b[33m", "error": "\x1b[31m",
+           "critical": "\x1b[1;31m"}
+RESET = "\x1b[0m"
+
+
+def _level(event: Dict[str, Any]) -> str:
+    level = event.get("log_level")
+    return level.name if level is not None else "info"
+
+
+def _stamp(event: Dict[str, Any]) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(event.get("log_time") or 0, datetime.timezone.utc)
+
+
+def _message(event: Dict[str, Any]) -> str:
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        text = f"{text}\n{failure.getTraceback()}"
+    return text
+
+
+@implementer(ILogObserver)
+class ConsoleObserver:
+    def __init__(self, stream: IO[str], colours: bool) -> None:
+        self.stream = stream
+        self.colours = colours
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        level = _level(event)
+        line = (f"{_stamp(event):%Y-%m-%dT%H:%M:%S.%f}"[:-3] + "Z "
+                f"{level.upper():<5} [{event.get('log_namespace', '-')}] {_message(event)}")
+        if self.colours and COLOURS.get(level):
+            line = COLOURS[level] + line + RESET
+        self.stream.write(line.replace("\n", "\n\t") + "\n")
+        self.stream.flush()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+@implementer(ILogObserver)
+class JsonLinesObserver:
+    """One JSON object per line; the event's own fields ride along."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        record = {
+            "timestamp": _stamp(event).isoformat(timespec="milliseconds"),
+            "level": _level(event),
+            "component": event.get("log_namespace", "-"),
+            "message": _message(event),
+        }
+        for key, value in event.items():
+            if not key.startswith("log_") and key not in record and key != "format":
+                record[key] = _jsonable(value)
+        self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.out.flush()
+
+
+def open_log_file(path: str, max_file_size_mb: float, max_files: int) -> LogFile:
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    return LogFile(name, directory, rotateLength=int(max_file_size_mb * 1024 * 1024),
+                   maxRotatedFiles=max_files)
+
+
+def make_observer(cfg: LoggingConfig, stdout: IO[str] = sys.stdout) -> ILogObserver:
+    observers: List[ILogObserver] = []
+    if cfg.file:
+        observers.append(JsonLinesObserver(open_log_file(cfg.file, cfg.max_file_size_mb,
+                                                         cfg.max_files)))
+    elif cfg.enable_console:
+        tty = hasattr(stdout, "isatty") and stdout.isatty()
+        observers.append(ConsoleObserver(stdout, cfg.enable_colors and tty))
+
+    @implementer(ILogObserver)
+    def fan_out(event: Dict[str, Any]) -> None:
+        for o in observers:
+            o(event)
+
+    return FilteringLogObserver(
+        fan_out, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[cfg.level])])

@@ -1,0 +1,173 @@
+"""Metrics: one prometheus-client registry per gateway, no global state.
+
+Histograms and counters are observed as requests finish; backend, cache and
+connection figures are read from the live objects at scrape time by a
+collector, so there is one source for each number. The JSON view of
+``GET /metrics`` is computed from the same registry.
+"""
+
+import os
+import resource
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+from ntonix.observe.access import RequestInfo
+from ntonix.routing.breaker import CLOSED, HALF_OPEN, OPEN
+
+if TYPE_CHECKING:
+    from ntonix.gateway import Gateway
+
+# LLM answers range from a cached hit (milliseconds) to a long generation (a minute).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+                   30.0, 60.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+CIRCUIT_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class GatewayCollector:
+    """Figures read from the gateway's live state at scrape time."""
+
+    def __init__(self, gateway: "Gateway", metrics: "Metrics") -> None:
+        self.gateway = gateway
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        gw = self.gateway
+        g = GaugeMetricFamily
+        c = CounterMetricFamily
+        yield g("ntonix_uptime_seconds", "Seconds since the gateway started", value=gw.uptime())
+        yield g("ntonix_process_resident_memory_bytes", "Resident memory of the gateway process",
+                value=_rss_bytes())
+        yield g("ntonix_requests_active", "Requests being handled", value=self.metrics.active)
+        yield g("ntonix_connections_active", "Open client connections",
+                value=self.metrics.connections_active())
+        yield c("ntonix_connections", "Client connections accepted",
+                value=self.metrics.connections_total)
+        req = c("ntonix_backend_requests", "Requests sent to each backend", labels=["backend"])
+        err = c("ntonix_backend_errors", "Failed requests and health checks per backend",
+                labels=["backend"])
+        inflight = g("ntonix_backend_in_flight", "Requests in flight per backend",
+                     labels=["backend"])
+        circuit = g("ntonix_backend_circuit_state",
+                    "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",
+                    labels=["backend"])
+        avg = g("ntonix_backend_latency_avg_seconds", "Mean backend latency per backend",
+                labels=["backend"])
+        for b in gw.backends:
+            req.add_metric([b.name], b.requests)
+            err.add_metric([b.name], b.errors)
+            inflight.add_metric([b.name], b.in_flight)
+            circuit.add_metric([b.name], CIRCUIT_VALUE.get(b.breaker.state, 2))
+            avg.add_metric([b.name], b.latency_avg_ms / 1000.0)
+        yield from (req, err, inflight, circuit, avg)
+        s = gw.cache.store
+        st = s.stats
+        yield c("ntonix_cache_hits", "Requests answered from the cache", value=st.hits)
+        yield c("ntonix_cache_misses", "Cacheable requests sent upstream", value=st.misses)
+        yield c("ntonix_cache_coalesced", "Requests that joined an identical one in flight",
+                value=st.coalesced)
+        yield c("ntonix_cache_bypasses", "Requests the cache let through (sampled, no-store, "
+                "no-cache)", value=st.bypasses)
+        yield c("ntonix_cache_evictions", "Entries evicted to make room", value=st.evictions)
+        yield c("ntonix_cache_expired", "Entries dropped at the end of their TTL",
+                value=st.expired)
+        yield g("ntonix_cache_bytes", "Bytes held by the cache", value=s.size_bytes)
+        yield g("ntonix_cache_entries", "Entries in the cache", value=len(s))
+
+
+class Metrics:
+    def __init__(self, gateway: "Gateway") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("ntonix_requests", "Requests answered",
+                                ["route", "status", "cache"], registry=r)
+        self.latency = Histogram("ntonix_request_duration_seconds",
+                                 "Time from request received to response finished",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("ntonix_time_to_first_token_seconds",
+                              "Time from request received to the first token sent (streams)",
+                              ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stream_duration = Histogram("ntonix_stream_duration_seconds",
+                                         "Duration of streamed responses", ["route"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.chunks = Counter("ntonix_stream_chunks", "Chunks written to streaming clients",
+                              ["route"], registry=r)
+        self.overhead = Histogram("ntonix_gateway_overhead_seconds",
+                                  "Time the gateway itself adds: request received to upstream "
+                                  "request sent, plus upstream first byte to client first byte",
+                                  buckets=OVERHEAD_BUCKETS, registry=r)
+        self.backend_latency = Histogram("ntonix_backend_latency_seconds",
+                                         "Backend exchange duration", ["backend"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.active = 0
+        self.sites: list = []
+        r.register(GatewayCollector(gateway, self))
+
+    def connections_active(self) -> int:
+        return sum(len(s.channels) for s in self.sites)
+
+    @property
+    def connections_total(self) -> int:
+        return sum(s.connections_total for s in self.sites)
+
+    def finished(self, info: RequestInfo, status: int) -> None:
+        self.requests.labels(info.route, str(status), info.cache or "none").inc()
+        end = info.finished_at or info.received_at
+        self.latency.labels(info.route).observe(max(0.0, end - info.received_at))
+        if info.sse and info.first_byte_at is not None:
+            self.ttft.labels(info.route).observe(info.first_byte_at - info.received_at)
+            self.stream_duration.labels(info.route).observe(max(0.0, end - info.first_byte_at))
+            self.chunks.labels(info.route).inc(info.chunks)
+        if info.gateway_seconds is not None:
+            self.overhead.observe(info.gateway_seconds)
+
+    # -- views
+    def prometheus(self, accept: Optional[bytes]) -> tuple:
+        encoder, content_type = choose_encoder((accept or b"").decode("latin-1"))
+        return encoder(self.registry), content_type
+
+    def as_json(self, gateway: "Gateway") -> Dict[str, Any]:
+        """The seed's JSON document, summed from the registry's samples."""
+        total = success = error = 0
+        values: Dict[str, float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name == "ntonix_requests_total":
+                    n = int(sample.value)
+                    total += n
+                    if int(sample.labels["status"]) < 400:
+                        success += n
+                    else:
+                        error += n
+                elif not sample.labels:
+                    values[sample.name] = sample.value
+        hits = int(values.get("ntonix_cache_hits_total", 0))
+        misses = int(values.get("ntonix_cache_misses_total", 0))
+        return {
+            "requests_total": total, "requests_active": int(values["ntonix_requests_active"]),
+            "requests_success": success, "requests_error": error,
+            "cache_hits": hits, "cache_misses": misses,
+            "cache_hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
+            "uptime_seconds": round(values["ntonix_uptime_seconds"], 3),
+            "connections_active": int(values["ntonix_connections_active"]),
+            "connections_total": int(values["ntonix_connections_total"]),
+            "memory_cache_bytes": int(values["ntonix_cache_bytes"]),
+            "process_resident_memory_bytes": int(values["ntonix_process_resident_memory_bytes"]),
+            "backends": [
+                {"host": b.host, "port": b.port, "requests": b.requests, "errors": b.errors,
+                 "latency_avg_ms": round(b.latency_avg_ms, 3),
+                 "error_rate": round(b.errors / b.requests, 4) if b.requests else 0.0,
+                 "state": b.state, "circuit": b.breaker.state}
+                for b in gateway.backends],
+        }

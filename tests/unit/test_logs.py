@@ -1,0 +1,41 @@
+import io
+import json
+
+from twisted.logger import LogLevel, LogPublisher, Logger
+
+from ntonix.config import LoggingConfig
+from ntonix.observe.logs import JsonLinesObserver, make_observer
+
+
+class TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def emit(observer, level, fmt, **kw):
+    pub = LogPublisher(observer)
+    Logger(namespace="ntonix.test", observer=pub).emit(level, fmt, **kw)
+
+
+def test_console_level_filter_and_colours_only_on_a_tty():
+    plain, tty = io.StringIO(), TTY()
+    for stream in (plain, tty):
+        obs = make_observer(LoggingConfig(level="warn"), stdout=stream)
+        emit(obs, LogLevel.info, "hidden {x}", x=1)
+        emit(obs, LogLevel.warn, "shown {x}", x=2)
+    assert "hidden" not in plain.getvalue()
+    assert "WARN  [ntonix.test] shown 2" in plain.getvalue()
+    assert "\x1b[" not in plain.getvalue() and "\x1b[33m" in tty.getvalue()
+    quiet = io.StringIO()
+    emit(make_observer(LoggingConfig(enable_colors=False), stdout=TTY()), LogLevel.warn, "x")
+    emit(make_observer(LoggingConfig(enable_console=False), stdout=quiet), LogLevel.warn, "x")
+    assert quiet.getvalue() == ""
+
+
+def test_json_lines_carry_fields():
+    out = io.StringIO()
+    emit(JsonLinesObserver(out), LogLevel.info, "backend {backend} up", backend="b:1",
+         raw=b"\xff")
+    rec = json.loads(out.getvalue())
+    assert rec["message"] == "backend b:1 up" and rec["backend"] == "b:1"
+    assert rec["component"] == "ntonix.test" and rec["level"] == "info" and rec["raw"] == "\ufffd"
