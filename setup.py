@@ -41,7 +41,8 @@ setup(
     install_requires=[
         # 24.7.0 fixed the HTTP pipelining and request smuggling CVEs; take
         # the newest line we test on.
-        "twisted[tls]>=26.10.0",
+        # conch: the SSH admin console.
+        "twisted[tls,conch]>=26.10.0",
         "pyopenssl>=24.0.0",
         "service-identity>=24.1.0",
         "treq>=24.9.1",

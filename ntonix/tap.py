@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from ntonix import config as cfgmod
 from ntonix.config import ConfigError, Raw
+from ntonix.console import make_console_factory
 from ntonix.cache.manager import CacheSweeper
 from ntonix.gateway import Gateway
 from ntonix.http.channel import GatewaySite, Limits
@@ -183,9 +184,20 @@ def build_service(config: cfgmod.Config, reactor: Any,
         DemoBackendsService(reactor, gateway, config.demo.ports).setServiceParent(top)
     HealthChecker(gateway, reactor).setServiceParent(top)
     CacheSweeper(gateway.cache, reactor).setServiceParent(top)
+    reload_service = None
     if reloader is not None:
-        ReloadService(reactor, gateway, reloader,
-                      extra=[tls.reload] if tls else []).setServiceParent(top)
+        reload_service = ReloadService(reactor, gateway, reloader,
+                                       extra=[tls.reload] if tls else [])
+        reload_service.setServiceParent(top)
+    if config.admin.enabled:
+        try:
+            console = make_console_factory(
+                gateway, config, reload_service.reload if reload_service else None)
+        except ConfigError as e:
+            raise SystemExit("\n".join(f"ntonix: invalid configuration: {line}"
+                                       for line in e.lines)) from None
+        ListenerService(reactor, config.admin.port, config.admin.bind, console,
+                        "admin console (ssh)").setServiceParent(top)
     DrainService(reactor, gateway, [site]).setServiceParent(top)
     ListenerService(reactor, config.server.port, config.server.bind_address, site,
                     "http").setServiceParent(top)
