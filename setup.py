@@ -55,6 +55,9 @@ setup(
             "pytest>=8.0",
             "pytest-twisted>=1.14",
             "openai>=1.40",
+            # The compose file is YAML, checked against a JSON schema.
+            "pyyaml>=6.0",
+            "jsonschema>=4.20",
         ],
     },
     entry_points={
