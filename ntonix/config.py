@@ -61,7 +61,8 @@ class ServerConfig:
     ssl_port: int = setting(8443, min=0, max=65535, cli="--ssl-port", restart=True,
                             help="HTTPS listening port, used when ssl.enabled")
     threads: int = setting(1, min=1, max=256, cli="--threads", restart=True,
-                           help="reactor processes sharing the listening sockets")
+                           help="reactor processes sharing the listening sockets "
+                                "(only 1 so far)")
     bind_address: str = setting("0.0.0.0", cli="--bind", restart=True,
                                 help="address the listeners bind to")
     max_body_bytes: int = setting(10 * 1024 * 1024, min=1,
@@ -514,6 +515,10 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
     if cfg.ssl.enabled and not (cfg.ssl.cert_file and cfg.ssl.key_file):
         src = merged.get("ssl.enabled", Raw(True, DEFAULT_SOURCE, False)).source
         errors.append(f"ssl.enabled = true ({src}): needs ssl.cert_file and ssl.key_file")
+    if cfg.server.threads != 1:
+        src = merged["server.threads"].source
+        errors.append(f"server.threads = {cfg.server.threads} ({src}): only 1 reactor process "
+                      "is supported so far; run several gateways behind an L4 balancer instead")
     if bool(cfg.ssl.cert_file) != bool(cfg.ssl.key_file):
         given = "ssl.cert_file" if cfg.ssl.cert_file else "ssl.key_file"
         missing = "ssl.key_file" if cfg.ssl.cert_file else "ssl.cert_file"
