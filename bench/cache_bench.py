@@ -24,7 +24,7 @@ from typing import Any, List, Tuple
 from twisted.internet import defer, task
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proxy_bench import Child, connect, pct  # noqa: E402
+from proxy_bench import connect, pct, start_children, stop_children  # noqa: E402
 
 
 def zipf_workload(n: int, pool: int, s: float, seed: int) -> List[Tuple[int, bool]]:
@@ -105,19 +105,15 @@ async def hammer(reactor: Any, port: int, prompts: List[int], clients: int,
 
 
 async def run(reactor: Any, args: argparse.Namespace) -> None:
-    py = sys.executable
-    twistd = str(Path(py).with_name("twistd"))
-    mock = Child(rb"listening on 127\.0\.0\.1:(\d+)")
-    reactor.spawnProcess(mock, py, [py, "-m", "ntonix_mock", "--port", "0", "--id", "bench",
-                                    "--ttft-ms", "30", "--itl-ms", "5"],
-                         env={"PYTHONUNBUFFERED": "1"})
-    mock_port = await mock.up.addTimeout(20, reactor)
-    gw = Child(rb"http listening on [0-9.]+:(\d+)")
-    reactor.spawnProcess(gw, twistd, [twistd, "-n", "--pidfile=", "ntonix", "--port", "0",
-                                      "--bind", "127.0.0.1", "--backend", f"127.0.0.1:{mock_port}",
-                                      "--log-level", "warn"],
-                         env={"PYTHONUNBUFFERED": "1"})
-    gw_port = await gw.up.addTimeout(20, reactor)
+    mock, mock_port, gw, gw_port = await start_children(
+        reactor, ["--ttft-ms", "30", "--itl-ms", "5"])
+    try:
+        await measure(reactor, args, mock_port, gw_port)
+    finally:
+        await stop_children(reactor, gw, mock)
+
+
+async def measure(reactor: Any, args: argparse.Namespace, mock_port: int, gw_port: int) -> None:
 
     n = 1000 if args.quick else 4000
     work = zipf_workload(n, pool=300, s=1.1, seed=7)
@@ -144,9 +140,6 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     print(f"  same requests direct to the mock backend: {direct_rps:.0f} requests/s, "
           f"p99 {1000 * pct(direct_lat, 99):.2f} ms (ratio x{hit_rps / direct_rps:.2f})",
           flush=True)
-    for child in (gw, mock):
-        child.transport.signalProcess("TERM")
-    await defer.gatherResults([gw.ended, mock.ended]).addTimeout(30, reactor)
 
 
 def main() -> None:

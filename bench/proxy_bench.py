@@ -13,10 +13,9 @@ Every loop is bounded in count and time.
 import argparse
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -134,6 +133,54 @@ class Conn(protocol.Protocol):
         self.closed.callback(None)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_children(reactor: Any, mock_args: List[str], extra_gateway_args: List[str] = (),
+                         ) -> Tuple[Child, int, Child, int]:
+    """A mock backend and a gateway in front of it, each its own process.
+
+    The gateway logs at warn (no per-request access lines), so its listening
+    line is not printed: it gets a free port and is waited for by connecting.
+    """
+    py = sys.executable
+    twistd = str(Path(py).with_name("twistd"))
+    mock = Child(rb"listening on 127\.0\.0\.1:(\d+)")
+    reactor.spawnProcess(mock, py, [py, "-m", "ntonix_mock", "--port", "0", "--id", "bench",
+                                    *mock_args], env={"PYTHONUNBUFFERED": "1"})
+    mock_port = await mock.up.addTimeout(20, reactor)
+    gw_port = free_port()
+    gw = Child(rb"(?!)")
+    reactor.spawnProcess(gw, twistd, [twistd, "-n", "--pidfile=", "ntonix", "--port", str(gw_port),
+                                      "--bind", "127.0.0.1", "--backend", f"127.0.0.1:{mock_port}",
+                                      "--log-level", "warn", *extra_gateway_args],
+                         env={"PYTHONUNBUFFERED": "1"})
+    deadline = reactor.seconds() + 20
+    while True:
+        try:
+            c = await connect(reactor, gw_port)
+            c.transport.loseConnection()
+            gw.up.callback(gw_port)
+            break
+        except Exception:
+            if reactor.seconds() > deadline or gw.ended.called:
+                raise RuntimeError("gateway did not start: " + gw.out.decode(errors="replace"))
+            await task.deferLater(reactor, 0.05, lambda: None)
+    return mock, mock_port, gw, gw_port
+
+
+async def stop_children(reactor: Any, *children: Child) -> None:
+    for child in children:
+        if not child.ended.called:
+            child.transport.signalProcess("TERM")
+    await defer.gatherResults([c.ended for c in children]).addTimeout(30, reactor)
+
+
 async def connect(reactor: Any, port: int, read_rate: Optional[float] = None,
                   rcvbuf: Optional[int] = None) -> Conn:
     ep = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
@@ -233,18 +280,15 @@ async def slow_readers(reactor: Any, port: int, n: int, seconds: float, pid: int
 
 
 async def run(reactor: Any, args: argparse.Namespace) -> None:
-    py = sys.executable
-    twistd = str(Path(py).with_name("twistd"))
-    mock = Child(rb"listening on 127\.0\.0\.1:(\d+)")
-    reactor.spawnProcess(mock, py, [py, "-m", "ntonix_mock", "--port", "0", "--id", "bench"],
-                         env={"PYTHONUNBUFFERED": "1"})
-    mock_port = await mock.up.addTimeout(20, reactor)
-    gw = Child(rb"http listening on [0-9.]+:(\d+)")
-    reactor.spawnProcess(gw, twistd, [twistd, "-n", "--pidfile=", "ntonix", "--port", "0",
-                                      "--bind", "127.0.0.1", "--backend", f"127.0.0.1:{mock_port}",
-                                      "--log-level", "warn"],
-                         env={"PYTHONUNBUFFERED": "1"})
-    gw_port = await gw.up.addTimeout(20, reactor)
+    mock, mock_port, gw, gw_port = await start_children(reactor, [])
+    try:
+        await measure(reactor, args, mock, mock_port, gw, gw_port)
+    finally:
+        await stop_children(reactor, gw, mock)
+
+
+async def measure(reactor: Any, args: argparse.Namespace, mock: Child, mock_port: int,
+                  gw: Child, gw_port: int) -> None:
     gw_pid = gw.transport.pid
     targets = {"direct": mock_port, "gateway": gw_port}
     rows: List[Tuple[str, str, str, str, str]] = []
@@ -290,10 +334,6 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
           f"{growth} KB in all, {growth / n_slow:.1f} KB per stream "
           f"(target < 256 KB per stream; clients read {read / 1024:.0f} KB)", flush=True)
     print(f"  gateway RSS at end: {rss_kb(gw_pid) / 1024:.1f} MB", flush=True)
-
-    for child in (gw, mock):
-        child.transport.signalProcess("TERM")
-    await defer.gatherResults([gw.ended, mock.ended]).addTimeout(30, reactor)
 
 
 def main() -> None:

@@ -45,6 +45,12 @@ class Gateway:
         self.on_backends_changed: List[Callable[[], None]] = []
         self._set_backends(config.backends)
 
+    @property
+    def access_log_enabled(self) -> bool:
+        # Twisted's Logger builds the whole event before a filter drops it:
+        # at ``warn`` and above, do not build access events at all.
+        return self.config.logging.level in ("trace", "debug", "info")
+
     def uptime(self) -> float:
         return self.reactor.seconds() - self.started_at
 

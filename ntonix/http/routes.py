@@ -118,7 +118,8 @@ class Router(Resource):
             elif info.upstream_failed:
                 info.outcome = UPSTREAM_ERROR
             try:
-                log_access(info, request.code, request.sentLength)
+                if gw.access_log_enabled:
+                    log_access(info, request.code, request.sentLength)
                 gw.metrics.finished(info, request.code)
             except Exception:
                 log.failure("accounting request {request_id}", request_id=info.request_id)

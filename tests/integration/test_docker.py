@@ -10,8 +10,6 @@ health-checked, ports that match the configuration).
 
 import json
 import os
-import re
-import shlex
 import socket
 import subprocess
 import sys
@@ -20,7 +18,6 @@ import urllib.request
 from pathlib import Path
 
 import jsonschema
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 

@@ -1,6 +1,5 @@
 """SIGTERM: stop accepting, let in-flight streams finish, then exit."""
 
-import pytest
 import pytest_twisted
 from twisted.internet import defer, error, protocol, reactor
 

@@ -1,7 +1,6 @@
 """TLS termination with real TLS clients and certificates made by the tests."""
 
 import http.client
-import json
 import re
 import socket
 import ssl
