@@ -14,7 +14,6 @@ both spellings are set, the long one wins.
 """
 
 import json
-import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
@@ -562,6 +561,3 @@ def load(
     layers.append(cli)
     return build(layers, source_file=path)
 
-
-def from_environ() -> Dict[str, str]:
-    return dict(os.environ)

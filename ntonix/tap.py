@@ -7,20 +7,20 @@ from typing import Any, Callable, Dict, List, Optional
 from twisted.application.service import MultiService
 from twisted.logger import ILogObserver
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.components import Componentized
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from ntonix import config as cfgmod
 from ntonix.config import ConfigError, Raw
-from ntonix.console import make_console_factory
 from ntonix.cache.manager import CacheSweeper
+from ntonix.console import make_console_factory
 from ntonix.gateway import Gateway
 from ntonix.http.channel import GatewaySite, Limits
 from ntonix.http.routes import Router
 from ntonix.observe.logs import make_observer
 from ntonix.routing.health import HealthChecker
-from ntonix.tls import ServerTLS, tls_wanted
 from ntonix.services import DemoBackendsService, DrainService, ListenerService, ReloadService
+from ntonix.tls import ServerTLS, tls_wanted
 
 
 def _settings_reference() -> str:
@@ -120,6 +120,12 @@ class Options(usage.Options):
         return layer
 
 
+def config_exit(error: ConfigError) -> SystemExit:
+    """One line per problem on stderr, and a non-zero exit: no traceback."""
+    return SystemExit("\n".join(f"ntonix: invalid configuration: {line}"
+                                 for line in error.lines))
+
+
 def read_config(options: Options) -> cfgmod.Config:
     """The configuration from all sources now; ConfigError when it is bad."""
     return cfgmod.load(options.cli_layer(), os.environ, options["config"])
@@ -130,8 +136,7 @@ def load_config(options: Options) -> cfgmod.Config:
     try:
         return read_config(options)
     except ConfigError as e:
-        raise SystemExit("\n".join(f"ntonix: invalid configuration: {line}"
-                                   for line in e.lines)) from None
+        raise config_exit(e) from None
 
 
 def makeService(options: Options) -> MultiService:
@@ -172,8 +177,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
         try:
             tls = ServerTLS(config)
         except ConfigError as e:
-            raise SystemExit("\n".join(f"ntonix: invalid configuration: {line}"
-                                       for line in e.lines)) from None
+            raise config_exit(e) from None
     top = GatewayService(make_observer(config.logging))
     gateway = Gateway(config, reactor)
     top.gateway = gateway
@@ -194,8 +198,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
             console = make_console_factory(
                 gateway, config, reload_service.reload if reload_service else None)
         except ConfigError as e:
-            raise SystemExit("\n".join(f"ntonix: invalid configuration: {line}"
-                                       for line in e.lines)) from None
+            raise config_exit(e) from None
         ListenerService(reactor, config.admin.port, config.admin.bind, console,
                         "admin console (ssh)").setServiceParent(top)
     DrainService(reactor, gateway, [site]).setServiceParent(top)

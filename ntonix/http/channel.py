@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 
-from ntonix.http.errors import raw_error_response
+from ntonix.http.errors import raw_error_response, write_error
 from ntonix.observe.access import access_log
 from ntonix.upstream.headers import request_id_from
 
@@ -95,7 +95,6 @@ class GatewayRequest(server.Request):
                     method=self.method, uri=self.uri)
         if self.finished or self._disconnected:
             return None
-        from ntonix.http.errors import write_error
         if self.startedWriting:
             self.channel.transport.abortConnection()
             return None

@@ -237,14 +237,14 @@ class Router(Resource):
     def _forward(self, request: server.Request, route: str, doc: dict, body: bytes) -> None:
         gw = self.gateway
         stream = doc.get("stream") is True
-        client = request.getClientAddress()
-        headers = upstream_request_headers(request.requestHeaders, getattr(client, "host", ""),
-                                           request.request_id, request.isSecure())
         cache = gw.cache
         decision = cache.decide(route, doc, stream, request) if cache.enabled else None
         request.info.sse = stream
         if decision is not None and decision.lookup and cache.answer_from_cache(decision, request):
             return
+        client = request.getClientAddress()
+        headers = upstream_request_headers(request.requestHeaders, getattr(client, "host", ""),
+                                           request.request_id, request.isSecure())
         if decision is None or not decision.store:
             sink: Any = ClientSink(request, decision.label if decision else None)
         else:

@@ -7,7 +7,7 @@ from twisted.logger import Logger
 
 access_log = Logger(namespace="ntonix.access")
 
-OK, CLIENT_CLOSED, UPSTREAM_ERROR, REJECTED = "ok", "client_closed", "upstream_error", "rejected"
+OK, CLIENT_CLOSED, UPSTREAM_ERROR = "ok", "client_closed", "upstream_error"
 
 
 @attrs.define

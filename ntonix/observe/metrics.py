@@ -125,7 +125,7 @@ class Metrics:
         self.requests.labels(info.route, str(status), info.cache or "none").inc()
         end = info.finished_at or info.received_at
         self.latency.labels(info.route).observe(max(0.0, end - info.received_at))
-        if info.sse and info.first_byte_at is not None:
+        if info.sse and status == 200 and info.first_byte_at is not None:
             self.ttft.labels(info.route).observe(info.first_byte_at - info.received_at)
             self.stream_duration.labels(info.route).observe(max(0.0, end - info.first_byte_at))
             self.chunks.labels(info.route).inc(info.chunks)
