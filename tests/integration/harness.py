@@ -227,6 +227,14 @@ def chat_body(text: str = "hello", stream: bool = False, **extra: Any) -> bytes:
 JSON = {b"Content-Type": [b"application/json"]}
 
 
+def raw_post(body: bytes, path: bytes = b"/v1/chat/completions", close: bool = False,
+             extra: bytes = b"") -> bytes:
+    """One whole HTTP/1.1 JSON POST as bytes, for raw-socket clients."""
+    return (b"POST %s HTTP/1.1\r\nHost: x\r\n%s%sContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s"
+            % (path, b"Connection: close\r\n" if close else b"", extra, len(body), body))
+
+
 class RawClient(protocol.Protocol):
     """A TCP client that sends exactly what it is told and keeps what it gets."""
 

@@ -5,7 +5,7 @@ import json
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from harness import JSON, chat_body, http_client, raw_connect, sleep, until, within
+from harness import JSON, chat_body, http_client, raw_connect, raw_post, sleep, until, within
 
 DET = {"temperature": 0}  # deterministic: cacheable
 
@@ -169,10 +169,7 @@ async def test_cache_disabled(mocks, gateway_factory):
 
 
 def raw_stream_request(text):
-    body = chat_body(text, stream=True, **DET)
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body))
+    return raw_post(chat_body(text, stream=True, **DET), close=True)
 
 
 @pytest_twisted.ensureDeferred

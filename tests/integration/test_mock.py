@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.web.client import ResponseFailed
 
-from harness import JSON, Mock, chat_body, http_client, raw_connect, sleep, within
+from harness import JSON, Mock, chat_body, http_client, raw_connect, raw_post, sleep, within
 
 
 def events(body: bytes):
@@ -122,9 +122,7 @@ async def test_hang_never_sends_headers_and_counts_disconnect(mock):
     mock.knobs.hang_rate = 1.0
     client = await raw_connect(mock.port.getHost().port)
     body = chat_body()
-    client.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                           % (len(body), body))
+    client.transport.write(raw_post(body))
     await sleep(0.3)  # a bounded observation window: nothing may arrive in it
     assert client.received == b"" and mock.stats.faults_hang == 1 and mock.stats.active == 1
     client.transport.loseConnection()

@@ -115,7 +115,7 @@ async def test_json_log_file_access_events_and_rotation(tmp_path, mocks, gateway
 
 @pytest_twisted.ensureDeferred
 async def test_client_disconnect_marked_in_access_log(tmp_path, mocks, gateway_factory):
-    from harness import raw_connect
+    from harness import raw_connect, raw_post
 
     a, _ = mocks
     a.knobs.itl_ms = 50
@@ -124,9 +124,7 @@ async def test_client_disconnect_marked_in_access_log(tmp_path, mocks, gateway_f
                                port=free_port())
     c = await raw_connect(gw.port)
     body = chat_body(stream=True, max_tokens=100)
-    c.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-ID: gone-1\r\n"
-                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                      % (len(body), body))
+    c.transport.write(raw_post(body, extra=b"X-Request-ID: gone-1\r\n"))
     await c.wait_data(5)
     c.transport.loseConnection()
 

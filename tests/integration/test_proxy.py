@@ -9,6 +9,7 @@ from harness import (
     JSON,
     Mock,
     chat_body,
+    raw_post,
     http_client,
     raw_connect,
     sleep,
@@ -104,9 +105,7 @@ async def test_stalled_reader_pauses_backend_and_bounds_gateway_memory(gateway_f
 
         client = await raw_connect(gw.port)
         body = chat_body("big one", stream=True)
-        client.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                               % (len(body), body))
+        client.transport.write(raw_post(body))
         await client.wait_data(5)
         client.transport.pauseProducing()  # stop reading: the client socket fills up
         await until(lambda: big.stats.pauses >= 1, timeout=10)
@@ -138,9 +137,7 @@ async def test_client_disconnect_reaches_backend_within_a_second(mocks, gateway_
     gw = await gateway_factory("--port", "0", "--backend", a.address)
     client = await raw_connect(gw.port)
     body = chat_body(stream=True, max_tokens=1000)
-    client.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                           % (len(body), body))
+    client.transport.write(raw_post(body))
     await client.wait_data(5)
     assert a.stats.active == 1
     client.transport.loseConnection()
@@ -161,9 +158,7 @@ async def test_disconnect_before_response_head_cancels_upstream(mocks, gateway_f
     gw = await gateway_factory("--port", "0", "--backend", a.address)
     client = await raw_connect(gw.port)
     body = chat_body()
-    client.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                           % (len(body), body))
+    client.transport.write(raw_post(body))
     await until(lambda: a.stats.active == 1, timeout=5)
     client.transport.loseConnection()
     await until(lambda: a.stats.disconnects == 1, timeout=1.0)
@@ -322,8 +317,7 @@ async def test_headers_rewritten(mocks, gateway_factory):
     assert r.headers.getRawHeaders(b"x-backend-id") == [b"a"]
     # Raw bytes: an HTTP client library may add headers of its own.
     raw = await raw_connect(gw.port)
-    raw.transport.write(raw_request(chat_body())[:-len(chat_body())].replace(
-        b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n") + chat_body())
+    raw.transport.write(raw_post(chat_body(), close=True))
     await within(raw.closed, 5)
     head = raw.received.partition(b"\r\n\r\n")[0].lower()
     assert b"content-encoding" not in head and b"keep-alive" not in head
@@ -361,11 +355,6 @@ async def test_models_merged_from_backends(gateway_factory):
             await m.stop()
 
 
-def raw_request(body: bytes = b"", path: bytes = b"/v1/chat/completions") -> bytes:
-    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (path, len(body), body))
-
-
 @pytest_twisted.ensureDeferred
 async def test_slowloris_and_slow_body_cut_while_others_are_served(mocks, gateway_factory):
     a, _ = mocks
@@ -376,7 +365,7 @@ async def test_slowloris_and_slow_body_cut_while_others_are_served(mocks, gatewa
     slow_body = await raw_connect(gw.port)
     slow_head.transport.write(b"POST /v1/chat/completions HTTP/1.1\r\n")
     body = chat_body()
-    slow_body.transport.write(raw_request(body)[:-len(body)])
+    slow_body.transport.write(raw_post(body)[:-len(body)])
     start = reactor.seconds()
     served = 0
     sent = 0
@@ -410,7 +399,7 @@ async def test_invalid_framing_and_pipelining(mocks, gateway_factory):
     assert bad.status == 400 and json.loads(bad.body)["error"]["code"] == "bad_request"
     pipe = await raw_connect(gw.port)
     one, two = chat_body("first", max_tokens=2), chat_body("second", max_tokens=30)
-    pipe.transport.write(raw_request(two) + raw_request(one)
+    pipe.transport.write(raw_post(two) + raw_post(one)
                          + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     await within(pipe.closed, 10)
     # Answered in the order asked, even though the first takes longest.
