@@ -171,14 +171,14 @@ class Flight:
             self.subscriber_resumed()
 
     # -- sink interface for the Exchange
-    def commit(self, exchange: "Exchange", response: IResponse, transport: Any) -> None:
+    def commit(self, exchange: "Exchange", response: IResponse, producer: Any) -> None:
         self.code, self.phrase = response.code, response.phrase
         self.headers = [(n, list(v)) for n, v in exchange.response_headers().getAllRawHeaders()
                         if n.lower() not in PER_RESPONSE]
         self.length = None if response.length is UNKNOWN_LENGTH else response.length
         self.backend_name = exchange.backend_name
         self.sse = exchange.sse
-        self.upstream = transport
+        self.upstream = producer
         self.committed_at = self.now()
         for sub in list(self.subscribers):
             sub.start()
@@ -213,6 +213,12 @@ class Flight:
         self._detach()
         for sub in list(self.subscribers):
             sub.pump()
+
+    def stalled(self) -> None:
+        """Every subscriber stopped reading for the idle timeout."""
+        for sub in list(self.subscribers):
+            if sub.paused and sub.request.channel is not None:
+                sub.request.channel.transport.abortConnection()
 
     def fail(self, status: int, message: str, code: str, retry_after: bool) -> None:
         # A failing leader leaves nobody hanging: every joiner gets its error.

@@ -20,7 +20,7 @@ an SSE ``error`` event.
 from typing import TYPE_CHECKING, Any, List, Optional
 
 from twisted.internet import error
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,6 +30,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from ntonix.http.errors import error_json, write_error
 from ntonix.routing.backend import Backend
@@ -59,8 +60,16 @@ def sse_error_event(message: str, code: str) -> bytes:
     return b"event: error\ndata: " + error_json(502, message, code) + b"\n\n"
 
 
+@implementer(IPushProducer)
 class ResponsePipe(Protocol):
-    """Receives one attempt's upstream body and hands it to the exchange."""
+    """Receives one attempt's upstream body and hands it to the exchange.
+
+    It is also the producer that the client side registers: pausing it pauses
+    the upstream socket. It knows when it is paused, so that silence while
+    paused (the client is not reading) is not blamed on the backend: past
+    ``proxy.stream_idle_timeout_seconds`` of either kind of silence the
+    stream ends, as the backend's failure or as the client's stall.
+    """
 
     def __init__(self, exchange: "Exchange", gated: bool) -> None:
         self.exchange = exchange
@@ -70,6 +79,24 @@ class ResponsePipe(Protocol):
         self.idle_timer: Optional[IDelayedCall] = None
         self.timed_out = False
         self.abandoned = False
+        self.paused = False
+
+    # -- IPushProducer, driven by the client side's flow control
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._arm()  # from now on the silence is the client's
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._arm()
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def connectionMade(self) -> None:
         if not self.gated:
@@ -122,6 +149,9 @@ class ResponsePipe(Protocol):
 
     def _idle(self) -> None:
         self.idle_timer = None
+        if self.paused:
+            self.exchange.client_stalled()
+            return
         self.timed_out = True
         if self.transport is not None:
             self.transport.stopProducing()
@@ -137,9 +167,10 @@ class Discard(Protocol):
 class Exchange:
     """One request sent upstream, with retries, until its answer ends.
 
-    The sink it reports to provides ``commit(exchange, response, transport)``,
-    ``write(data)``, ``end(complete, why)`` and ``fail(status, message, code,
-    retry_after)``; it calls ``cancel()`` when nobody wants the answer.
+    The sink it reports to provides ``commit(exchange, response, producer)``,
+    ``write(data)``, ``end(complete, why)``, ``fail(status, message, code,
+    retry_after)`` and ``stalled()`` (its readers stopped reading for the idle
+    timeout); it calls ``cancel()`` when nobody wants the answer.
     """
 
     def __init__(self, gateway: "Gateway", method: bytes, path: bytes, headers: Headers,
@@ -318,7 +349,16 @@ class Exchange:
         if self.info is not None:
             self.info.upstream_head_at = self.first_byte_at
         assert self.response is not None
-        self.sink.commit(self, self.response, pipe.transport)
+        self.sink.commit(self, self.response, pipe)
+
+    def client_stalled(self) -> None:
+        """The client read nothing for the idle timeout: let it go. The
+        backend is not at fault, so no verdict reaches its breaker."""
+        idle = self.gateway.config.proxy.stream_idle_timeout_seconds
+        log.info("request {request_id}: client read nothing for {idle:g}s "
+                 "(proxy.stream_idle_timeout_seconds); closing it", request_id=self.request_id,
+                 idle=idle)
+        self.sink.stalled()
 
     def deliver(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -436,7 +476,7 @@ class ClientSink:
         if self.exchange is not None:
             self.exchange.cancel()
 
-    def commit(self, exchange: Exchange, response: IResponse, transport: Any) -> None:
+    def commit(self, exchange: Exchange, response: IResponse, producer: Any) -> None:
         req = self.request
         req.setResponseCode(response.code, response.phrase)
         for name, values in exchange.response_headers().getAllRawHeaders():
@@ -447,11 +487,16 @@ class ClientSink:
         if response.length is not UNKNOWN_LENGTH:
             req.setHeader(b"Content-Length", b"%d" % response.length)
         server_timing(req)
-        req.registerProducer(transport, True)
+        req.registerProducer(producer, True)
 
     def write(self, data: bytes) -> None:
         if not self.gone:
             self.request.write(data)
+
+    def stalled(self) -> None:
+        if not self.gone:
+            # Closing the client's connection cancels the exchange.
+            self.request.channel.transport.abortConnection()
 
     def end(self, complete: bool, why: Optional[str]) -> None:
         if not self.gone:

@@ -290,6 +290,31 @@ async def test_stream_idle_timeout(mocks, gateway_factory):
 
 
 @pytest_twisted.ensureDeferred
+async def test_stalled_client_is_let_go_without_blaming_the_backend(gateway_factory):
+    big = Mock("big", tokens=200_000)
+    try:
+        gw = await gateway_factory("--port", "0", "--backend", big.address,
+                                   "--set", "proxy.stream_idle_timeout_seconds=0.5")
+        client = await raw_connect(gw.port)
+        client.transport.write(raw_post(chat_body("stall", stream=True)))
+        await client.wait_data(5)
+        client.transport.pauseProducing()
+        await until(lambda: big.stats.pauses >= 1, timeout=10)
+        # The gateway drops the client that reads nothing, and the backend's
+        # stream is closed with it...
+        await until(lambda: big.stats.disconnects == 1, timeout=5)
+        assert b"client read nothing for 0.5s" in gw.output
+        # ...and the backend is not blamed for the silence.
+        doc = await (await http_client().get(gw.url + "/backends")).json()
+        [b] = doc["backends"]
+        assert b["errors"] == 0 and b["circuit"] == "closed"
+        client.transport.resumeProducing()
+        await within(client.closed, 5)
+    finally:
+        await big.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_headers_rewritten(mocks, gateway_factory):
     a, _ = mocks
     gw = await gateway_factory("--port", "0", "--backend", a.address)
