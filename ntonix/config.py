@@ -65,19 +65,19 @@ class ServerConfig:
     bind_address: str = setting("0.0.0.0", cli="--bind", restart=True,
                                 help="address the listeners bind to")
     max_body_bytes: int = setting(10 * 1024 * 1024, min=1,
-                                  help="largest request body accepted (else 413)")
+                                  restart=True, help="largest request body accepted (else 413)")
     max_headers: int = setting(100, min=1, max=10000,
-                               help="most request header lines accepted (else 431)")
+                               restart=True, help="most request header lines accepted (else 431)")
     max_header_bytes: int = setting(16384, min=256,
-                                    help="largest request line plus headers (else 431)")
+                                    restart=True, help="largest request line plus headers (else 431)")
     header_timeout_seconds: float = setting(10.0, min=0.001,
-                                            help="deadline to receive a whole request head")
+                                            restart=True, help="deadline to receive a whole request head")
     body_timeout_seconds: float = setting(60.0, min=0.001,
-                                          help="deadline to receive a whole request body")
+                                          restart=True, help="deadline to receive a whole request body")
     idle_timeout_seconds: float = setting(75.0, min=0.001,
-                                          help="keep-alive connection idle time before close")
-    shutdown_timeout_seconds: float = setting(30.0, min=0,
-                                              help="on SIGTERM, how long in-flight requests may finish")
+                                          restart=True, help="keep-alive connection idle time before close")
+    shutdown_timeout_seconds: float = setting(30.0, cli="--shutdown-timeout", min=0,
+                                              restart=True, help="on SIGTERM, how long in-flight requests may finish")
 
 
 @frozen
@@ -94,8 +94,8 @@ class BackendConfig:
 @frozen
 class CacheConfig:
     enabled: bool = setting(True, help="answer repeated deterministic prompts from memory")
-    max_size_mb: float = setting(512, min=0, help="memory bound of the response cache")
-    ttl_seconds: float = setting(3600, min=0, help="how long an answer stays fresh")
+    max_size_mb: float = setting(512, cli="--cache-size-mb", min=0, help="memory bound of the response cache")
+    ttl_seconds: float = setting(3600, cli="--cache-ttl", min=0, help="how long an answer stays fresh")
     scope: str = setting("credential", choices=("credential", "global"),
                          help="share entries across Authorization credentials or not")
     sampled: bool = setting(False, help="also cache requests with temperature > 0")
@@ -107,21 +107,23 @@ class CacheConfig:
 @frozen
 class SslConfig:
     enabled: bool = setting(False, restart=True, help="serve HTTPS on server.ssl_port")
-    cert_file: str = setting("", cli="--cert", help="PEM certificate (chain) file")
-    key_file: str = setting("", cli="--key", help="PEM private key file")
+    cert_file: str = setting("", cli="--cert", restart=True, help="PEM certificate (chain) file")
+    key_file: str = setting("", cli="--key", restart=True, help="PEM private key file")
     sni: Dict[str, Any] = setting(factory=dict,
-                                  help='per host name pairs: {"host": {"cert_file", "key_file"}}')
+                                  restart=True, help='per host name pairs: {"host": {"cert_file", "key_file"}}')
 
 
 @frozen
 class LoggingConfig:
     level: str = setting("info", choices=("trace", "debug", "info", "warn", "error"),
-                         cli="--log-level", help="lowest level logged")
-    file: str = setting("", cli="--log-file", help="JSON-lines log file; empty logs to stdout")
-    max_file_size_mb: float = setting(100, min=0.001, help="rotate the log file at this size")
-    max_files: int = setting(5, min=1, help="rotated log files kept")
-    enable_console: bool = setting(True, help="human-readable log on stdout")
-    enable_colors: bool = setting(True, help="colour the console log on a TTY")
+                         cli="--log-level", restart=True, help="lowest level logged")
+    file: str = setting("", cli="--log-file", restart=True,
+                       help="JSON-lines log file; empty logs to stdout")
+    max_file_size_mb: float = setting(100, min=0.001, restart=True,
+                                      help="rotate the log file at this size")
+    max_files: int = setting(5, min=1, restart=True, help="rotated log files kept")
+    enable_console: bool = setting(True, restart=True, help="human-readable log on stdout")
+    enable_colors: bool = setting(True, restart=True, help="colour the console log on a TTY")
 
 
 @frozen
@@ -136,13 +138,13 @@ class HealthConfig:
 @frozen
 class ProxyConfig:
     connect_timeout_seconds: float = setting(5.0, min=0.001, help="backend TCP connect timeout")
-    response_timeout_seconds: float = setting(120.0, min=0.001,
+    response_timeout_seconds: float = setting(120.0, cli="--response-timeout", min=0.001,
                                               help="wait for the backend's response head (else 504)")
     stream_idle_timeout_seconds: float = setting(60.0, min=0.001,
                                                  help="longest silence between stream chunks")
     first_token_timeout_seconds: float = setting(30.0, min=0.001,
                                                  help="wait for a stream's first content event")
-    retries: int = setting(1, min=0, max=10, help="retries on another backend before any byte")
+    retries: int = setting(1, cli="--retries", min=0, max=10, help="retries on another backend before any byte")
     pool_size_per_backend: int = setting(10, min=1, help="idle keep-alive connections per backend")
     # Below uvicorn's (vLLM's) 5 s keep-alive, so the gateway closes an idle
     # connection before the backend does and never writes into a closed one.
@@ -151,7 +153,7 @@ class ProxyConfig:
 
 @frozen
 class BalancerConfig:
-    algorithm: str = setting("weighted_round_robin",
+    algorithm: str = setting("weighted_round_robin", cli="--balancer",
                              choices=("weighted_round_robin", "least_outstanding"),
                              help="how a backend is picked")
 
@@ -161,9 +163,9 @@ class AdminConfig:
     enabled: bool = setting(False, restart=True, help="start the SSH manhole console")
     port: int = setting(2222, min=0, max=65535, restart=True, help="console port")
     bind: str = setting("127.0.0.1", restart=True, help="console bind address")
-    user: str = setting("admin", help="console user name")
-    authorized_keys: str = setting("", help="authorized_keys file for the console")
-    host_key: str = setting("", help="SSH host private key file")
+    user: str = setting("admin", restart=True, help="console user name")
+    authorized_keys: str = setting("", restart=True, help="authorized_keys file for the console")
+    host_key: str = setting("", restart=True, help="SSH host private key file")
 
 
 @frozen
@@ -561,3 +563,30 @@ def load(
     layers.append(cli)
     return build(layers, source_file=path)
 
+
+
+def flag_settings() -> Dict[str, str]:
+    """Command-line flag (without dashes) -> setting, for settings with a flag
+    that takes a value (``--demo`` is a switch)."""
+    return {f.metadata["cli"][2:]: key for key, f in all_settings()
+            if f.metadata.get("cli") and f.type is not bool}
+
+
+_TYPE_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string"}
+
+
+def reference_table() -> str:
+    """The README's table of every setting (a test keeps them equal)."""
+    rows = ["| setting | type | default | environment | command line | meaning |",
+            "|---|---|---|---|---|---|"]
+    for key, f in all_settings():
+        choices = f.metadata.get("choices")
+        kind = (" or ".join(f"`{c}`" for c in choices) if choices
+                else _TYPE_NAMES.get(f.type, "list of ports" if f.type == List[int] else "object"))
+        alias = [name for name, k in ENV_ALIASES.items() if k == key]
+        env = f"`{env_name(key)}`" + "".join(f", `{a}`" for a in alias)
+        cli = f"`{f.metadata['cli']}`" if f.metadata.get("cli") else f"`--set {key}=`"
+        meaning = f.metadata["help"] + ("; restart to change" if f.metadata.get("restart") else "")
+        rows.append(f"| `{key}` | {kind} | `{json.dumps(default_of(f))}` | {env} | {cli} | "
+                    f"{meaning} |")
+    return "\n".join(rows) + "\n"

@@ -142,9 +142,9 @@ class Gateway:
 
         Returns the settings that changed but need a restart to take effect.
         """
-        # Listeners, TLS, the console and the demo are built once at start:
-        # their sections keep their running values until a restart.
-        fixed = ("server", "ssl", "admin", "demo")
+        # Listeners, TLS, the console, the demo and the log observers are
+        # built once at start: their sections keep their running values.
+        fixed = ("server", "ssl", "admin", "demo", "logging")
         needs_restart = []
         for key, f in all_settings():
             section, name = key.split(".")

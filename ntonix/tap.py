@@ -36,38 +36,21 @@ def _settings_reference() -> str:
     return "\n".join(lines)
 
 
-def _default(key: str) -> str:
-    for k, f in cfgmod.all_settings():
-        if k == key:
-            return json.dumps(cfgmod.default_of(f))
-    raise KeyError(key)
+def _flag_help(key: str) -> str:
+    f = dict(cfgmod.all_settings())[key]
+    return f"{f.metadata['help']} ({key}) [default: {json.dumps(cfgmod.default_of(f))}]"
 
 
 class Options(usage.Options):
     synopsis = "[options]"
 
-    # Settings with their own flag; each maps to a config key.
-    FLAG_SETTINGS = {
-        "port": "server.port",
-        "ssl-port": "server.ssl_port",
-        "bind": "server.bind_address",
-        "threads": "server.threads",
-        "cert": "ssl.cert_file",
-        "key": "ssl.key_file",
-        "log-level": "logging.level",
-        "log-file": "logging.file",
-        "retries": "proxy.retries",
-        "response-timeout": "proxy.response_timeout_seconds",
-        "shutdown-timeout": "server.shutdown_timeout_seconds",
-        "balancer": "balancer.algorithm",
-        "cache-size-mb": "cache.max_size_mb",
-        "cache-ttl": "cache.ttl_seconds",
-    }
+    # Settings with their own flag (from the config tree's metadata).
+    FLAG_SETTINGS = cfgmod.flag_settings()
 
     optParameters = [
         ["config", "c", None, "JSON configuration file (env NTONIX_CONFIG) [default: none]"],
     ] + [
-        [flag, None, None, f"{key} [default: {_default(key)}]"]
+        [flag, None, None, _flag_help(key)]
         for flag, key in FLAG_SETTINGS.items()
     ]
 
