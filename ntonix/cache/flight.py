@@ -202,6 +202,7 @@ class Flight:
 
     def end(self, complete: bool, why: Optional[str]) -> None:
         self.ended, self.complete, self.why = True, complete, why
+        self.exchange = None
         self._resume_upstream()
         if complete and self.code == 200 and self.recording and self.store is not None:
             now = self.now()
@@ -223,6 +224,7 @@ class Flight:
     def fail(self, status: int, message: str, code: str, retry_after: bool) -> None:
         # A failing leader leaves nobody hanging: every joiner gets its error.
         self.failed = True
+        self.exchange = None
         self._detach()
         for sub in list(self.subscribers):
             sub.fail(status, message, code, retry_after)

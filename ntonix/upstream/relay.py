@@ -271,11 +271,22 @@ class Exchange:
             self.deadline.cancel()
         self.deadline = None
 
-    def _finish(self) -> None:
+    def _finish(self) -> Any:
+        """The exchange is over: account it and let go of what it holds.
+
+        Returns the sink, for its last call. Dropping the references breaks
+        the cycles (sink <-> exchange, exchange -> response -> pipe ->
+        exchange) that would otherwise keep every object of the request
+        alive until a full collection, whose pauses stall the reactor.
+        """
         self._cancel_deadline()
         if not self.done:
             self.done = True
             self.gateway.active_relays -= 1
+        sink, self.sink = self.sink, NO_SINK
+        self.response = None
+        self.pipe = None
+        return sink
 
     def _drop_attempt(self) -> None:
         """Abandon the attempt in progress, whatever stage it is at."""
@@ -382,10 +393,9 @@ class Exchange:
                    else f"backend {name} failed mid-response: {reason.getErrorMessage()}")
             log.warn("response {request_id} cut: {why}", request_id=self.request_id, why=why)
         self._release(complete and self.status < 500, why)
-        self._finish()
         if not complete and self.info is not None:
             self.info.upstream_failed = True
-        self.sink.end(complete, why)
+        self._finish().end(complete, why)
 
     def _failed(self, failure: Failure, d: Any) -> None:
         if d is not self.pending:
@@ -411,18 +421,17 @@ class Exchange:
     def _bug(self, failure: Failure) -> None:
         log.failure("relaying request {request_id}", failure, request_id=self.request_id)
         self._release(None)
-        self._finish()
+        sink = self._finish()
         if self.committed:
-            self.sink.end(False, "internal gateway error")
+            sink.end(False, "internal gateway error")
         else:
-            self.sink.fail(500, "internal gateway error", "internal_error", False)
+            sink.fail(500, "internal gateway error", "internal_error", False)
 
     def _fail(self, status: int, message: str, code: str, retry_after: bool = False) -> None:
-        self._finish()
         self.status = status
         if self.info is not None:
             self.info.upstream_failed = True
-        self.sink.fail(status, message, code, retry_after)
+        self._finish().fail(status, message, code, retry_after)
 
 
 def server_timing(request: Request) -> None:
@@ -459,6 +468,18 @@ def end_response(request: Request, complete: bool, sse: bool, why: Optional[str]
         # The head is out and the body is short: only a cut connection
         # tells the client that the answer is incomplete.
         request.channel.transport.abortConnection()
+
+
+class _NoSink:
+    """Where a finished exchange's late events go: nowhere."""
+
+    def commit(self, *args: Any) -> None:
+        pass
+
+    write = end = fail = stalled = commit
+
+
+NO_SINK = _NoSink()
 
 
 class ClientSink:
@@ -499,10 +520,12 @@ class ClientSink:
             self.request.channel.transport.abortConnection()
 
     def end(self, complete: bool, why: Optional[str]) -> None:
+        exchange, self.exchange = self.exchange, None
         if not self.gone:
-            end_response(self.request, complete, self.exchange.sse, why)
+            end_response(self.request, complete, exchange.sse, why)
 
     def fail(self, status: int, message: str, code: str, retry_after: bool) -> None:
+        self.exchange = None
         if not self.gone:
             if self.cache_status:
                 self.request.setHeader(b"X-Cache", self.cache_status)
