@@ -127,7 +127,18 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     config = load_config(options)
-    return build_service(config, reactor, lambda: read_config(options))
+    return build_service(config, reactor, lambda: read_config(options),
+                         daemon_log=daemon_log_file(options))
+
+
+def daemon_log_file(options: Options) -> Optional[str]:
+    """Where a daemonized twistd logs: its ``--logfile`` (``twistd.log`` by
+    default), since a daemon's stdout goes nowhere. None in the foreground."""
+    twistd = getattr(options, "parent", None)
+    if twistd is None or twistd.get("nodaemon"):
+        return None
+    path = twistd.get("logfile") or "twistd.log"
+    return None if path == "-" else path
 
 
 class GatewayService(MultiService):
@@ -164,10 +175,12 @@ class GatewayService(MultiService):
 
 
 def build_service(config: cfgmod.Config, reactor: Any,
-                  reloader: Optional[Callable[[], cfgmod.Config]] = None) -> MultiService:
+                  reloader: Optional[Callable[[], cfgmod.Config]] = None,
+                  daemon_log: Optional[str] = None) -> MultiService:
     """The whole gateway as a service tree, on ``reactor``.
 
-    ``reloader`` reads the configuration again for SIGHUP.
+    ``reloader`` reads the configuration again for SIGHUP; ``daemon_log`` is
+    where the text log goes when daemonized and ``logging.file`` is empty.
     """
     tls = None
     if tls_wanted(config):
@@ -175,7 +188,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
             tls = ServerTLS(config)
         except ConfigError as e:
             raise config_exit(e) from None
-    top = GatewayService(make_observer(config.logging))
+    top = GatewayService(make_observer(config.logging, daemon_log=daemon_log))
     gateway = Gateway(config, reactor)
     top.gateway = gateway
     limits = Limits.from_config(config.server)

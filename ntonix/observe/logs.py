@@ -12,7 +12,7 @@ import datetime
 import json
 import os
 import sys
-from typing import IO, Any, Dict, List
+from typing import IO, Any, Dict, List, Optional
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -103,11 +103,17 @@ def open_log_file(path: str, max_file_size_mb: float, max_files: int) -> LogFile
                    maxRotatedFiles=max_files)
 
 
-def make_observer(cfg: LoggingConfig, stdout: IO[str] = sys.stdout) -> ILogObserver:
+def make_observer(cfg: LoggingConfig, stdout: IO[str] = sys.stdout,
+                  daemon_log: Optional[str] = None) -> ILogObserver:
+    """``daemon_log``: a daemonized process has no useful stdout, so without
+    ``logging.file`` its text log goes to that file (twistd's own log file)."""
     observers: List[ILogObserver] = []
     if cfg.file:
         observers.append(JsonLinesObserver(open_log_file(cfg.file, cfg.max_file_size_mb,
                                                          cfg.max_files)))
+    elif daemon_log:
+        observers.append(ConsoleObserver(
+            open_log_file(daemon_log, cfg.max_file_size_mb, cfg.max_files), False))
     elif cfg.enable_console:
         tty = hasattr(stdout, "isatty") and stdout.isatty()
         observers.append(ConsoleObserver(stdout, cfg.enable_colors and tty))

@@ -105,3 +105,39 @@ async def test_demo_answers_at_once(gateway_factory):
     assert r.headers.getRawHeaders(b"x-backend-id")[0].startswith(b"demo-")
     models = await treq.json_content(await http.get(gw.url + "/v1/models"))
     assert [m["id"] for m in models["data"]] == ["mock-llm"]
+
+
+def test_daemonized_gateway_logs_to_twistd_log(tmp_path):
+    """Without -n, twistd daemonizes; the log must not vanish with stdout."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from harness import TWISTD, free_port, gateway_env
+
+    port = free_port()
+    subprocess.run([str(TWISTD), "ntonix", "--demo", "--port", str(port), "--bind", "127.0.0.1",
+                    "--set", "demo.ports=0,0"], cwd=tmp_path, env=gateway_env(), check=True,
+                   timeout=30)
+    pid = int((tmp_path / "twistd.pid").read_text())
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "daemon did not answer"
+                time.sleep(0.1)
+        log = (tmp_path / "twistd.log").read_text()
+        assert f"http listening on 127.0.0.1:{port}" in log
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while (tmp_path / "twistd.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert not (tmp_path / "twistd.pid").exists()
+    assert "Server Shut Down." in (tmp_path / "twistd.log").read_text()
