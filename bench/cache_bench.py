@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, List, Tuple
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proxy_bench import connect, pct, start_children, stop_children  # noqa: E402
+from proxy_bench import bench_main, connect, pct, start_children, stop_children  # noqa: E402
 
 
 def zipf_workload(n: int, pool: int, s: float, seed: int) -> List[Tuple[int, bool]]:
@@ -142,13 +142,5 @@ async def measure(reactor: Any, args: argparse.Namespace, mock_port: int, gw_por
           flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smaller workload")
-    args = p.parse_args()
-    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run)

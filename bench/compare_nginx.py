@@ -28,7 +28,8 @@ from twisted.internet import defer, task
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cache_bench import get_json, zipf_workload  # noqa: E402
-from proxy_bench import Child, connect, free_port, pct, start_children, stop_children  # noqa: E402
+from proxy_bench import (  # noqa: E402
+    Child, bench_main, connect, free_port, pct, start_children, stop_children)
 
 NGINX_CONF = """
 worker_processes 1;
@@ -190,13 +191,5 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
               f"{'yes' if r['shared_across_credentials'] else 'no'} (should be no)")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smaller workload")
-    args = p.parse_args()
-    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run)

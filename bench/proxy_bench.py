@@ -378,15 +378,14 @@ async def measure(reactor: Any, args: argparse.Namespace, mock: Child, mock_port
     print(f"  gateway RSS at end: {rss_kb(gw_pid) / 1024:.1f} MB", flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
+def bench_main(doc: str, run: Any) -> None:
+    """Parse ``--quick`` and run the coroutine ``run(reactor, args)``."""
+    p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller counts, shorter windows")
     args = p.parse_args()
-
     task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
 
 
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run)
