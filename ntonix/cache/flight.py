@@ -120,10 +120,10 @@ class Subscriber:
 class Flight:
     """The shared answer to one question, while it is being generated."""
 
-    def __init__(self, key: bytes, store: Optional[ResponseStore], now: Callable[[], float],
+    def __init__(self, key: bytes, store: ResponseStore, now: Callable[[], float],
                  on_done: Callable[["Flight"], None]) -> None:
         self.key = key
-        self.store = store  # None: share, but do not keep (no-store)
+        self.store = store
         self.now = now
         self.on_done = on_done
         self.exchange: Optional["Exchange"] = None
@@ -188,7 +188,7 @@ class Flight:
         self.size += len(data)
         if self.recording:
             self.times.append(self.now() - self.committed_at)
-            if self.store is None or self.size > self.store.max_entry_bytes:
+            if self.size > self.store.max_entry_bytes:
                 # Too big to keep: stop recording, let no one else join, and
                 # keep only what the slowest subscriber has yet to send.
                 self.recording = False
@@ -204,7 +204,8 @@ class Flight:
         self.ended, self.complete, self.why = True, complete, why
         self.exchange = None
         self._resume_upstream()
-        if complete and self.code == 200 and self.recording and self.store is not None:
+        self.upstream = None
+        if complete and self.code == 200 and self.recording:
             now = self.now()
             entry = Entry(code=self.code, phrase=self.phrase, headers=self.headers,
                           chunks=self.chunks, sse=self.sse, stored_at=now,
@@ -225,6 +226,7 @@ class Flight:
         # A failing leader leaves nobody hanging: every joiner gets its error.
         self.failed = True
         self.exchange = None
+        self.upstream = None
         self._detach()
         for sub in list(self.subscribers):
             sub.fail(status, message, code, retry_after)

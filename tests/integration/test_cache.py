@@ -230,3 +230,22 @@ async def test_failing_leader_gives_joiners_the_same_answer(mocks, gateway_facto
     assert a.stats.faults_500 == 1
     r, _ = await ask(gw, text="doomed")
     assert header(r, b"x-cache") == b"MISS"  # the error was not stored
+
+
+@pytest_twisted.ensureDeferred
+async def test_answer_larger_than_the_entry_cap_is_relayed_but_not_kept(mocks, gateway_factory):
+    a, _ = mocks
+    a.knobs.tokens = 3000  # about 600 KB of SSE
+    a.knobs.itl_ms = 0.2
+    gw = await gateway_factory("--port", "0", "--backend", a.address,
+                               "--set", "cache.max_entry_mb=0.05")
+    first = defer.Deferred.fromCoroutine(ask(gw, text="huge", stream=True))
+    await until(lambda: a.stats.bytes_sent > 200_000, timeout=10)
+    # Past the cap the flight takes no joiners: this one goes upstream itself.
+    r2, body2 = await ask(gw, text="huge", stream=True)
+    r1, body1 = await within(first, 30)
+    assert body1 == body2 and body1.endswith(b"data: [DONE]\n\n") and len(body1) > 400_000
+    assert a.count() == 2
+    r3, _ = await ask(gw, text="huge", stream=True)
+    assert header(r3, b"x-cache") == b"MISS" and a.count() == 3  # nothing was stored
+    assert (await stats(gw))["entries"] == 0
