@@ -3,7 +3,12 @@
 ``twisted.plugins`` is listed by hand and has no ``__init__.py`` of ours: it is
 Twisted's namespace, and shipping an ``__init__`` there would shadow Twisted's.
 The mock LLM backend lives in ``mock/`` and installs as ``ntonix_mock`` so that
-``twistd ntonix --demo`` and the tests can start it from an installed copy.
+``twistd ntonix --demo`` and the tests can start it from an installed copy. The
+root-level ``ntonix_mock`` is a symlink to ``mock``: with every package under
+the project root (``package_dir={"": "."}``), an editable install is a plain
+``.pth`` entry for the root, which twistd's plugin discovery (a scan of
+``sys.path`` for ``twisted/plugins``) can see; a mapping would make setuptools
+use an import hook that the scan cannot see.
 """
 
 import re
@@ -36,7 +41,9 @@ setup(
         "ntonix_mock",
         "twisted.plugins",
     ],
-    package_dir={"ntonix_mock": "mock"},
+    # One root for every package, declared: setuptools then makes an editable
+    # install a plain .pth entry (see the module docstring).
+    package_dir={"": "."},
     package_data={"ntonix": ["py.typed"]},
     install_requires=[
         # 24.7.0 fixed the HTTP pipelining and request smuggling CVEs; take
