@@ -216,3 +216,23 @@ async def test_bad_certificate_stops_start_with_one_line(tmp_path, pki, case, ex
     assert len(lines) == 1, out
     assert lines[0].startswith("ntonix: invalid configuration: "
                                + expected.format(cert=cert, key=key)), lines[0]
+
+
+def resumed(port, ca_file, version):
+    ctx = client_context(ca_file, version, version)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            if version == ssl.TLSVersion.TLSv1_3:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.recv(4096)  # TLS 1.3 tickets arrive after the handshake
+            session = s.session
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+            return s.session_reused
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_resumption(pki, mocks, gateway_factory):
+    gw = await start_tls_gateway(gateway_factory, pki, mocks[0])
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        assert await deferToThread(resumed, gw.tls_port, pki["ca_file"], version), version
