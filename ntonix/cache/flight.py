@@ -75,7 +75,9 @@ class Subscriber:
         req.setResponseCode(f.code, f.phrase)
         for name, values in f.headers:
             req.responseHeaders.setRawHeaders(name, values)
-        if f.backend_name:
+        if f.backend_name and self.cache_status != b"HIT":
+            # As for stored hits, a joiner is told it was served by the cache;
+            # the access log still names the backend.
             req.setHeader(b"X-Backend", f.backend_name.encode())
         req.setHeader(b"X-Cache", self.cache_status)
         if f.length is not None:

@@ -104,6 +104,8 @@ async def test_20_concurrent_identical_requests_reach_backend_once(mocks, gatewa
             assert len(json.loads(body)["choices"][0]["message"]["content"].split()) == 12
         labels = sorted(header(r, b"x-cache") for r, _ in results)
         assert labels == [b"HIT"] * 19 + [b"MISS"]
+        for r, _ in results:  # X-Backend only on the one that went upstream
+            assert (header(r, b"x-backend") is None) == (header(r, b"x-cache") == b"HIT")
     assert a.count() + b.count() == 2
     assert (await stats(gw))["coalesced"] == 38
 
