@@ -25,8 +25,10 @@ class ListenerService(Service):
     with one line instead of a traceback."""
 
     def __init__(self, reactor: Any, port: int, interface: str, factory: Any,
-                 label: str, listen: Optional[Callable[..., Any]] = None) -> None:
+                 label: str, listen: Optional[Callable[..., Any]] = None,
+                 gateway: Optional[Gateway] = None) -> None:
         self.reactor = reactor
+        self.gateway = gateway
         self.port_number = port
         self.interface = interface
         self.factory = factory
@@ -45,6 +47,13 @@ class ListenerService(Service):
         host = self.port.getHost()
         log.info("{label} listening on {host}:{port}", label=self.label, host=host.host,
                  port=host.port)
+        if self.label == "http" and not self.gateway_has_backends():
+            log.warn("no backends configured: requests will be answered 503 until some are "
+                     "added (--backend HOST:PORT, NTONIX_BACKENDS, the config file and "
+                     "SIGHUP, or --demo)")
+
+    def gateway_has_backends(self) -> bool:
+        return self.gateway is None or bool(self.gateway.backends)
 
     def stopService(self) -> Any:
         super().stopService()

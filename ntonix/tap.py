@@ -213,7 +213,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
                         "admin console (ssh)").setServiceParent(top)
     DrainService(reactor, gateway, [site]).setServiceParent(top)
     ListenerService(reactor, config.server.port, config.server.bind_address, site,
-                    "http").setServiceParent(top)
+                    "http", gateway=gateway).setServiceParent(top)
     if tls is not None:
         # The same site behind TLS: identical routes, limits and streaming.
         ListenerService(reactor, config.server.ssl_port, config.server.bind_address,

@@ -147,7 +147,9 @@ class Router(Resource):
         status, code = "healthy", 200
         if self.gateway.draining:
             status, code = "draining", 503
-        elif total and not up:
+        elif not up:
+            # No backend could answer (none configured, or all circuits
+            # open): a load balancer in front should send traffic elsewhere.
             status, code = "unhealthy", 503
         return json_body(request, {"status": status, "backends_available": up,
                                    "backends_total": total,

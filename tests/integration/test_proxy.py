@@ -223,9 +223,12 @@ async def test_backend_errors_pass_through_unchanged(mocks, gateway_factory):
 @pytest_twisted.ensureDeferred
 async def test_no_backend_503_with_retry_after(gateway_factory):
     gw = await gateway_factory("--port", "0")
+    assert b"no backends configured" in gw.output
     r = await post(gw.url + "/v1/chat/completions", chat_body())
     e = await error_of(r, 503)
     assert e["code"] == "no_backend_available" and r.headers.getRawHeaders(b"retry-after")
+    health = await http_client().get(gw.url + "/health")
+    assert health.code == 503 and (await health.json())["status"] == "unhealthy"
 
 
 @pytest_twisted.ensureDeferred
