@@ -5,7 +5,7 @@ import json
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from harness import JSON, chat_body, http_client, raw_connect, raw_post, sleep, until, within
+from harness import JSON, chat_body, http_client, raw_connect, raw_post, until, within
 
 DET = {"temperature": 0}  # deterministic: cacheable
 
@@ -205,7 +205,9 @@ async def test_leader_leaving_does_not_cut_others_last_leaving_cancels(mocks, ga
     leader.transport.write(raw_stream_request("group"))
     await leader.wait_data(5)
     follower = defer.Deferred.fromCoroutine(ask(gw, text="group", stream=True))
-    await sleep(0.1)
+    deadline = reactor.seconds() + 5
+    while (await stats(gw))["coalesced"] < 1:  # the follower has joined the flight
+        assert reactor.seconds() < deadline
     leader.transport.abortConnection()
     r, body = await within(follower, 10)
     assert header(r, b"x-cache") == b"HIT"  # it joined the leader's flight
