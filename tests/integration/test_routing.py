@@ -100,7 +100,7 @@ async def test_health_checks_open_and_close_the_circuit(mocks, gateway_factory):
         assert reactor.seconds() < deadline
         await sleep(0.05)
     assert "health check failed" in (await backends(gw))[b.address]["reason"]
-    assert b"circuit closed -> open" in gw.output
+    await until(lambda: b"circuit closed -> open" in gw.output, timeout=5)
     b.restart()
     deadline = reactor.seconds() + 5
     while await circuit() != "closed":
