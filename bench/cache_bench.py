@@ -24,7 +24,8 @@ from typing import Any, List, Tuple
 from twisted.internet import defer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proxy_bench import bench_main, connect, pct, start_children, stop_children  # noqa: E402
+from proxy_bench import (  # noqa: E402
+    bench_main, connect, pct, start_children, stop_children, throughput)
 
 
 def zipf_workload(n: int, pool: int, s: float, seed: int) -> List[Tuple[int, bool]]:
@@ -80,30 +81,6 @@ async def replay(reactor: Any, port: int, work: List[Tuple[int, bool]], clients:
     return reactor.seconds() - start
 
 
-async def hammer(reactor: Any, port: int, prompts: List[int], clients: int,
-                 seconds: float) -> Tuple[float, List[float]]:
-    conns = [await connect(reactor, port) for _ in range(clients)]
-    deadline = reactor.seconds() + seconds
-    lat: List[float] = []
-
-    async def worker(c: Any, k: int) -> None:
-        i = 0
-        while reactor.seconds() < deadline:
-            status, _, _, total = await c.request(request_bytes(prompts[(k + i) % len(prompts)],
-                                                                False))
-            assert status == 200, status
-            lat.append(total)
-            i += 1
-
-    start = reactor.seconds()
-    await defer.gatherResults([defer.Deferred.fromCoroutine(worker(c, k))
-                               for k, c in enumerate(conns)])
-    elapsed = reactor.seconds() - start
-    for c in conns:
-        c.transport.loseConnection()
-    return len(lat) / elapsed, lat
-
-
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     mock, mock_port, gw, gw_port = await start_children(
         reactor, ["--ttft-ms", "30", "--itl-ms", "5"])
@@ -133,8 +110,11 @@ async def measure(reactor: Any, args: argparse.Namespace, mock_port: int, gw_por
 
     hot = sorted({p for p, s in work if not s})[:50]
     secs = 3 if args.quick else 8
-    hit_rps, hit_lat = await hammer(reactor, gw_port, hot, 64, secs)
-    direct_rps, direct_lat = await hammer(reactor, mock_port, hot, 64, secs)
+    def hot_request(k: int, i: int) -> bytes:
+        return request_bytes(hot[(k + i) % len(hot)], False)
+
+    hit_rps, hit_lat = await throughput(reactor, gw_port, 64, secs, hot_request)
+    direct_rps, direct_lat = await throughput(reactor, mock_port, 64, secs, hot_request)
     print(f"  cache hits, 64 clients: {hit_rps:.0f} requests/s, p50 {1000 * pct(hit_lat, 50):.2f} ms,"
           f" p99 {1000 * pct(hit_lat, 99):.2f} ms", flush=True)
     print(f"  same requests direct to the mock backend: {direct_rps:.0f} requests/s, "

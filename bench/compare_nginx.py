@@ -24,12 +24,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cache_bench import get_json, zipf_workload  # noqa: E402
 from proxy_bench import (  # noqa: E402
-    Child, bench_main, connect, free_port, pct, start_children, stop_children)
+    Child, bench_main, connect, free_port, pct, start_children, stop_children, wait_accepting)
 
 NGINX_CONF = """
 worker_processes 1;
@@ -140,17 +140,8 @@ async def start_nginx(reactor: Any, mock_port: int, tmp: Path) -> Tuple[Child, i
     nginx = Child(rb"(?!)")
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     reactor.spawnProcess(nginx, binary, [binary, "-c", str(conf), "-p", str(tmp)], env={})
-    deadline = reactor.seconds() + 15
-    while True:
-        try:
-            c = await connect(reactor, port)
-            c.transport.loseConnection()
-            nginx.up.callback(port)
-            return nginx, port
-        except Exception:
-            if reactor.seconds() > deadline or nginx.ended.called:
-                raise RuntimeError("nginx did not start: " + nginx.out.decode(errors="replace"))
-            await task.deferLater(reactor, 0.05, lambda: None)
+    await wait_accepting(reactor, nginx, port, "nginx", seconds=15)
+    return nginx, port
 
 
 async def run(reactor: Any, args: argparse.Namespace) -> None:

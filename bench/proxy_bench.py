@@ -160,18 +160,24 @@ async def start_children(reactor: Any, mock_args: List[str], extra_gateway_args:
                                       "--bind", "127.0.0.1", "--backend", f"127.0.0.1:{mock_port}",
                                       "--log-level", "warn", *extra_gateway_args],
                          env={"PYTHONUNBUFFERED": "1"})
-    deadline = reactor.seconds() + 20
+    await wait_accepting(reactor, gw, gw_port, "gateway")
+    return mock, mock_port, gw, gw_port
+
+
+async def wait_accepting(reactor: Any, child: Child, port: int, what: str,
+                         seconds: float = 20) -> None:
+    """Until ``child`` accepts on ``port`` (its log may not say so), bounded."""
+    deadline = reactor.seconds() + seconds
     while True:
         try:
-            c = await connect(reactor, gw_port)
+            c = await connect(reactor, port)
             c.transport.loseConnection()
-            gw.up.callback(gw_port)
-            break
+            child.up.callback(port)
+            return
         except Exception:
-            if reactor.seconds() > deadline or gw.ended.called:
-                raise RuntimeError("gateway did not start: " + gw.out.decode(errors="replace"))
+            if reactor.seconds() > deadline or child.ended.called:
+                raise RuntimeError(f"{what} did not start: " + child.out.decode(errors="replace"))
             await task.deferLater(reactor, 0.05, lambda: None)
-    return mock, mock_port, gw, gw_port
 
 
 async def stop_children(reactor: Any, *children: Child) -> None:
@@ -219,17 +225,21 @@ async def serial_latency(reactor: Any, port: int, n: int) -> List[float]:
     return out
 
 
-async def throughput(reactor: Any, port: int, clients: int, seconds: float) -> float:
+async def throughput(reactor: Any, port: int, clients: int, seconds: float,
+                     make_request: Any = None) -> Tuple[float, List[float]]:
+    """Requests/s and latencies of ``clients`` keep-alive clients asking
+    back to back for ``seconds``; ``make_request(client, i)`` builds each."""
+    make_request = make_request or (lambda k, i: chat_request(f"tp {k} {i % 20}", False, 16))
     conns = [await connect(reactor, port) for _ in range(clients)]
     deadline = reactor.seconds() + seconds
-    done = [0]
+    latencies: List[float] = []
 
     async def worker(c: Conn, k: int) -> None:
         i = 0
         while reactor.seconds() < deadline:
-            status, *_ = await c.request(chat_request(f"tp {k} {i % 20}", False, 16))
+            status, _, _, total = await c.request(make_request(k, i))
             assert status == 200, status
-            done[0] += 1
+            latencies.append(total)
             i += 1
 
     start = reactor.seconds()
@@ -238,7 +248,7 @@ async def throughput(reactor: Any, port: int, clients: int, seconds: float) -> f
     elapsed = reactor.seconds() - start
     for c in conns:
         c.transport.loseConnection()
-    return done[0] / elapsed
+    return len(latencies) / elapsed, latencies
 
 
 async def streams(reactor: Any, port: int, n: int, pid: Optional[int],
@@ -346,7 +356,7 @@ async def measure(reactor: Any, args: argparse.Namespace, mock: Child, mock_port
     row("non-streamed p99, 1 client", 1000 * pct(lat["direct"], 99),
         1000 * pct(lat["gateway"], 99), "ms", "-")
 
-    rps = {k: await throughput(reactor, p, 64, 3 if q else 8) for k, p in targets.items()}
+    rps = {k: (await throughput(reactor, p, 64, 3 if q else 8))[0] for k, p in targets.items()}
     row("requests/s, 64 clients", rps["direct"], rps["gateway"], "rq/s", ">= 2000 via gateway",
         added=False)
 

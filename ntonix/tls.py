@@ -33,6 +33,15 @@ def _line(setting: str, value: str, source: str, why: str) -> str:
     return f'{setting} = "{value}" ({source}): {why}'
 
 
+def _read(path: str, setting: str, source: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as e:
+        raise ConfigError([_line(setting, path, source,
+                                 f"cannot be read: {e.strerror or e}")]) from None
+
+
 def load_pair(cert_file: str, key_file: str, where: Tuple[str, str, str, str],
               now: Optional[datetime.datetime] = None
               ) -> Tuple[crypto.X509, crypto.PKey, List[crypto.X509]]:
@@ -42,18 +51,8 @@ def load_pair(cert_file: str, key_file: str, where: Tuple[str, str, str, str],
     (cert setting, cert source, key setting, key source).
     """
     cert_setting, cert_src, key_setting, key_src = where
-    try:
-        with open(cert_file, "rb") as fh:
-            cert_pem = fh.read()
-    except OSError as e:
-        raise ConfigError([_line(cert_setting, cert_file, cert_src,
-                                 f"cannot be read: {e.strerror or e}")]) from None
-    try:
-        with open(key_file, "rb") as fh:
-            key_pem = fh.read()
-    except OSError as e:
-        raise ConfigError([_line(key_setting, key_file, key_src,
-                                 f"cannot be read: {e.strerror or e}")]) from None
+    cert_pem = _read(cert_file, cert_setting, cert_src)
+    key_pem = _read(key_file, key_setting, key_src)
     try:
         certs = x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
