@@ -1,6 +1,7 @@
 """The mock LLM backend on its own, over loopback: framing, determinism, pacing
 and each fault knob."""
 
+import itertools
 import json
 import sys
 
@@ -78,6 +79,25 @@ async def test_deterministic_per_prompt(mock):
     for stream in (False, True):
         assert await ask("same", stream) == await ask("same", stream)
         assert await ask("same", stream) != await ask("other", stream)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_events_are_canonical_json_whatever_the_model_name(mock):
+    # Token events are built from a per-stream template: each must still be
+    # exactly the compact JSON of its chunk, for chat and completions, even
+    # with a model name holding quotes, a NUL and non-ASCII text.
+    for model, path in itertools.product(
+            ('we"ird\u0000 m\u00f6del "\\u0000"', "\u0000"),
+            ("/v1/chat/completions", "/v1/completions")):
+        body = json.dumps({"model": model, "prompt": "x", "stream": True, "max_tokens": 6,
+                           "messages": [{"role": "user", "content": "x"}]}).encode()
+        r = await http_client().post(url(mock, path), data=body, headers=JSON)
+        evs = events(await r.content())
+        assert evs[-1] == b"[DONE]"
+        chunks = [json.loads(e) for e in evs[:-1]]
+        assert len(chunks) >= 7 and all(c["model"] == model for c in chunks)
+        for raw, chunk in zip(evs[:-1], chunks):
+            assert raw == json.dumps(chunk, separators=(",", ":")).encode()
 
 
 @pytest_twisted.ensureDeferred
