@@ -1,12 +1,14 @@
 """Proxy-path benchmark: the gateway against a direct connection to the backend.
 
-    .venv/bin/python bench/proxy_bench.py            # about two minutes
+    .venv/bin/python bench/proxy_bench.py            # about four minutes
     .venv/bin/python bench/proxy_bench.py --quick    # smaller counts
 
 Starts a mock backend (its own process), the gateway (``twistd ntonix``, its
 own process) and drives both from this process on 127.0.0.1, then prints each
 figure for the direct connection and through the gateway, measured in the same
-run. Nothing here is a pass/fail test; targets are printed beside the figures.
+run. Streams are also run through a bare TCP relay (Twisted's portforward), to
+show what any one-process relay adds on the same machine. Nothing here is a
+pass/fail test; targets are printed beside the figures.
 Every loop is bounded in count and time.
 """
 
@@ -162,6 +164,26 @@ async def start_children(reactor: Any, mock_args: List[str], extra_gateway_args:
                          env={"PYTHONUNBUFFERED": "1"})
     await wait_accepting(reactor, gw, gw_port, "gateway")
     return mock, mock_port, gw, gw_port
+
+
+async def start_bare_relay(reactor: Any, mock_port: int) -> Tuple[Child, int]:
+    """Twisted's own TCP port forwarder in front of the mock, its own process.
+
+    It parses nothing and keeps nothing: one upstream connection per client
+    connection, bytes copied both ways. What it adds is what any one-process
+    Python relay adds on this machine, before any HTTP work; the gateway's
+    figures are printed beside it so that the two can be told apart.
+    """
+    py = sys.executable
+    twistd = str(Path(py).with_name("twistd"))
+    port = free_port()
+    relay = Child(rb"(?!)")
+    reactor.spawnProcess(relay, twistd, [twistd, "-n", "--pidfile=", "portforward",
+                                         "-p", f"tcp:{port}:interface=127.0.0.1",
+                                         "-h", "127.0.0.1", "-d", str(mock_port)],
+                         env={"PYTHONUNBUFFERED": "1"})
+    await wait_accepting(reactor, relay, port, "bare relay")
+    return relay, port
 
 
 async def wait_accepting(reactor: Any, child: Child, port: int, what: str,
@@ -324,14 +346,15 @@ async def slow_readers(reactor: Any, port: int, n: int, seconds: float, pid: int
 
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     mock, mock_port, gw, gw_port = await start_children(reactor, [])
+    relay, relay_port = await start_bare_relay(reactor, mock_port)
     try:
-        await measure(reactor, args, mock, mock_port, gw, gw_port)
+        await measure(reactor, args, mock, mock_port, gw, gw_port, relay_port)
     finally:
-        await stop_children(reactor, gw, mock)
+        await stop_children(reactor, relay, gw, mock)
 
 
 async def measure(reactor: Any, args: argparse.Namespace, mock: Child, mock_port: int,
-                  gw: Child, gw_port: int) -> None:
+                  gw: Child, gw_port: int, relay_port: int) -> None:
     gw_pid = gw.transport.pid
     targets = {"direct": mock_port, "gateway": gw_port}
     rows: List[Tuple[str, str, str, str, str]] = []
@@ -360,24 +383,38 @@ async def measure(reactor: Any, args: argparse.Namespace, mock: Child, mock_port
     row("requests/s, 64 clients", rps["direct"], rps["gateway"], "rq/s", ">= 2000 via gateway",
         added=False)
 
+    def relay_row(direct: List[float], relayed: List[float]) -> None:
+        print(f"  {'  the same through a bare TCP relay':<38} p50 {1000 * pct(relayed, 50):.2f} ms "
+              f"({1000 * (pct(relayed, 50) - pct(direct, 50)):+.2f} ms), "
+              f"p99 {1000 * pct(relayed, 99):.2f} ms "
+              f"({1000 * (pct(relayed, 99) - pct(direct, 99)):+.2f} ms)", flush=True)
+
     await control(reactor, mock_port, ttft_ms=50.0, itl_ms=20.0)
     n_streams = 200 if q else 500
     ttft_direct, _ = await streams(reactor, mock_port, n_streams, None, 20)
     ttft_gw, peak = await streams(reactor, gw_port, n_streams, gw_pid, 20)
+    ttft_relay, _ = await streams(reactor, relay_port, n_streams, None, 20)
     row(f"TTFT p50, {n_streams} streams at once", 1000 * pct(ttft_direct, 50),
         1000 * pct(ttft_gw, 50), "ms", "-")
     row(f"TTFT p99, {n_streams} streams at once", 1000 * pct(ttft_direct, 99),
         1000 * pct(ttft_gw, 99), "ms", "added < 10 ms")
+    relay_row(ttft_direct, ttft_relay)
     print(f"  gateway peak RSS with {n_streams} streams: {peak / 1024:.1f} MB", flush=True)
-    window = 4 if q else 10
-    steady_direct = await steady_streams(reactor, mock_port, n_streams, window, 2, 20)
-    steady_gw = await steady_streams(reactor, gw_port, n_streams, window, 2, 20)
-    row(f"TTFT p50, {n_streams} streams in progress", 1000 * pct(steady_direct, 50),
-        1000 * pct(steady_gw, 50), "ms", "-")
-    row(f"TTFT p99, {n_streams} streams in progress", 1000 * pct(steady_direct, 99),
-        1000 * pct(steady_gw, 99), "ms", "added < 10 ms")
-    print(f"    ({len(steady_gw)} streams measured through the gateway, "
-          f"{len(steady_direct)} direct)", flush=True)
+    # Streams in progress, at rising counts: where the added TTFT leaves the
+    # target is the gateway's streaming capacity on this machine.
+    window = 4 if q else 8
+    for n in ((100, 200) if q else (200, 300, 400, 500)):
+        steady_direct = await steady_streams(reactor, mock_port, n, window, 2, 20)
+        steady_gw = await steady_streams(reactor, gw_port, n, window, 2, 20)
+        steady_relay = await steady_streams(reactor, relay_port, n, window, 2, 20)
+        row(f"TTFT p50, {n} streams in progress", 1000 * pct(steady_direct, 50),
+            1000 * pct(steady_gw, 50), "ms", "-")
+        row(f"TTFT p99, {n} streams in progress", 1000 * pct(steady_direct, 99),
+            1000 * pct(steady_gw, 99), "ms", "added < 10 ms")
+        relay_row(steady_direct, steady_relay)
+        print(f"    ({len(steady_gw)} streams measured through the gateway, "
+              f"{len(steady_direct)} direct, {len(steady_relay)} through the bare relay)",
+              flush=True)
 
     await control(reactor, mock_port, ttft_ms=0.0, itl_ms=0.0)
     n_slow = 50
