@@ -64,13 +64,18 @@ class GatewayCollector:
                     labels=["backend"])
         avg = g("ntonix_backend_latency_avg_seconds", "Mean backend latency per backend",
                 labels=["backend"])
+        opened = c("ntonix_backend_connections_opened",
+                   "New connections opened to each backend; rising with traffic means more "
+                   "requests in flight than proxy.pool_size_per_backend keeps alive",
+                   labels=["backend"])
         for b in gw.backends:
             req.add_metric([b.name], b.requests)
             err.add_metric([b.name], b.errors)
             inflight.add_metric([b.name], b.in_flight)
             circuit.add_metric([b.name], CIRCUIT_VALUE.get(b.breaker.state, 2))
             avg.add_metric([b.name], b.latency_avg_ms / 1000.0)
-        yield from (req, err, inflight, circuit, avg)
+            opened.add_metric([b.name], gw.upstream.connections_opened(b.name))
+        yield from (req, err, inflight, circuit, avg, opened)
         s = gw.cache.store
         st = s.stats
         yield c("ntonix_cache_hits", "Requests answered from the cache", value=st.hits)

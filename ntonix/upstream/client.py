@@ -9,7 +9,8 @@ docs/adr/0002-agent-for-forwarding.md).
 """
 
 from http.cookiejar import CookieJar
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, ip_address
+from collections import Counter
 from typing import Any
 
 from treq.client import HTTPClient
@@ -56,9 +57,28 @@ class BytesProducer:
         pass
 
 
+@implementer(IStreamClientEndpoint)
+class CountingEndpoint:
+    """An endpoint that counts the connections it is asked to open.
+
+    The pool only calls ``connect`` when it has no idle connection to reuse,
+    so the count is the connection churn an operator tunes the pool by.
+    """
+
+    def __init__(self, inner: IStreamClientEndpoint, counts: Counter, name: str) -> None:
+        self.inner = inner
+        self.counts = counts
+        self.name = name
+
+    def connect(self, factory: Any) -> "defer.Deferred[Any]":
+        self.counts[self.name] += 1
+        return self.inner.connect(factory)
+
+
 @implementer(IAgentEndpointFactory)
 class DirectEndpointFactory:
-    """Connects straight to IP literals.
+    """Connects straight to IP literals, counting new connections per
+    ``host:port`` (the backends' names).
 
     The Agent's default goes through HostnameEndpoint, which resolves every
     new connection's host in the thread pool, even ``127.0.0.1``.
@@ -67,17 +87,19 @@ class DirectEndpointFactory:
     def __init__(self, reactor: Any, connect_timeout: float) -> None:
         self.reactor = reactor
         self.timeout = connect_timeout
+        self.opened: Counter = Counter()
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
+        name = f"{host}:{uri.port}"
         try:
             ip = ip_address(host)
         except ValueError:
-            return HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
-        if isinstance(ip, IPv4Address):
-            return TCP4ClientEndpoint(self.reactor, host, uri.port, timeout=self.timeout)
-        assert isinstance(ip, IPv6Address)
-        return TCP6ClientEndpoint(self.reactor, host, uri.port, timeout=self.timeout)
+            inner: Any = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
+        else:
+            cls = TCP4ClientEndpoint if isinstance(ip, IPv4Address) else TCP6ClientEndpoint
+            inner = cls(self.reactor, host, uri.port, timeout=self.timeout)
+        return CountingEndpoint(inner, self.opened, name)
 
 
 class QuietPool(HTTPConnectionPool):
@@ -107,6 +129,10 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = pool_size_per_backend
         self.pool.cachedConnectionTimeout = pool_idle_seconds
         self.endpoints.timeout = connect_timeout
+
+    def connections_opened(self, backend_name: str) -> int:
+        """New connections opened to a backend so far (attempts included)."""
+        return self.endpoints.opened[backend_name]
 
     def forward(self, method: bytes, url: bytes, headers: Headers,
                 body: bytes) -> "defer.Deferred[IResponse]":

@@ -4,6 +4,7 @@ import json
 
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer
 
 from harness import JSON, chat_body, free_port, http_client, until, within
 
@@ -151,3 +152,28 @@ async def test_upstream_error_marked_and_level_filter(tmp_path, mocks, gateway_f
     r = await http_client().get(gw.url + "/health")
     await r.content()
     assert b"ntonix.access" not in gw.output  # info events filtered out at warn
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_connections_opened_shows_pool_churn(mocks, gateway_factory):
+    # Requests one at a time reuse a pooled connection; more requests in
+    # flight than the pool keeps alive open (and later close) new ones, and
+    # the counter is how an operator sees it.
+    a, _ = mocks
+    a.knobs.ttft_ms = 300.0  # so that the concurrent ones overlap upstream
+    gw = await gateway_factory("--port", "0", "--backend", a.address,
+                               "--set", "proxy.pool_size_per_backend=2")
+
+    async def opened():
+        r = await http_client().get(gw.url + "/metrics/prometheus")
+        text = (await r.content()).decode()
+        return samples(text, "ntonix_backend_connections_opened_total")[(("backend", a.address),)]
+
+    for i in range(4):
+        assert (await post(gw, chat_body(f"one at a time {i}"))).code == 200
+    sequential = await opened()
+    assert 1 <= sequential <= 2  # a health check may have needed one of its own
+    replies = await within(defer.gatherResults([
+        defer.ensureDeferred(post(gw, chat_body(f"together {i}"))) for i in range(8)]), 10)
+    assert all(r.code == 200 for r in replies)
+    assert await opened() >= sequential + 6
