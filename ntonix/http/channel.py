@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 
+from ntonix._version import __version__
 from ntonix.http.errors import raw_error_response, write_error
 from ntonix.observe.access import access_log
 from ntonix.upstream.headers import request_id_from
@@ -23,6 +24,7 @@ from ntonix.upstream.headers import request_id_from
 log = Logger(namespace="ntonix.http.channel")
 
 IDLE, HEAD, BODY, HANDLING = "idle", "head", "body", "handling"
+SERVER = b"ntonix/" + __version__.encode()
 
 
 @attrs.frozen
@@ -88,6 +90,13 @@ class GatewayRequest(server.Request):
                     else info.received_at
             info.chunks += 1
         super().write(data)
+
+    def render(self, resrc: Any) -> None:
+        # Twisted names itself and its version on every answer; the gateway's
+        # own answers name the gateway. A relayed answer carries the
+        # backend's Server header instead, as the backend sent it.
+        self.setHeader(b"Server", SERVER)
+        super().render(resrc)
 
     def processingFailed(self, reason: Any) -> None:
         # A bug of ours must not show the client a traceback or an HTML page.

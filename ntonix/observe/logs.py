@@ -11,14 +11,17 @@ rotated by size with Twisted's ``LogFile``. ``logging.level`` filters both
 import datetime
 import json
 import os
+import re
 import sys
 from typing import IO, Any, Dict, List, Optional
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
 )
 from twisted.python.failure import Failure
@@ -32,6 +35,24 @@ LEVELS = {"trace": LogLevel.debug, "debug": LogLevel.debug, "info": LogLevel.inf
 COLOURS = {"debug": "\x1b[2m", "info": "", "warn": "\x1b[33m", "error": "\x1b[31m",
            "critical": "\x1b[1;31m"}
 RESET = "\x1b[0m"
+
+
+# Twisted's own lines for each port opening and closing ("GatewaySite starting
+# on 8080", "(TCP Port 8080 Closed)"): the gateway logs its listeners itself,
+# by role ("http listening on 0.0.0.0:8080"), so these are only debug detail.
+_PORT_CHATTER = re.compile(r"\S+ starting on \d+|\(\S+ Port \d+ Closed\)")
+
+
+@implementer(ILogFilterPredicate)
+class PortChatter:
+    def __init__(self, level: LogLevel) -> None:
+        self.shown = level <= LogLevel.debug
+
+    def __call__(self, event: Dict[str, Any]) -> PredicateResult:
+        if (not self.shown and event.get("log_namespace") == "log_legacy"
+                and _PORT_CHATTER.fullmatch(formatEvent(event))):
+            return PredicateResult.no
+        return PredicateResult.maybe
 
 
 def _level(event: Dict[str, Any]) -> str:
@@ -123,5 +144,6 @@ def make_observer(cfg: LoggingConfig, stdout: IO[str] = sys.stdout,
         for o in observers:
             o(event)
 
+    level = LEVELS[cfg.level]
     return FilteringLogObserver(
-        fan_out, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[cfg.level])])
+        fan_out, [LogLevelFilterPredicate(defaultLogLevel=level), PortChatter(level)])

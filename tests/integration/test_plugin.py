@@ -7,6 +7,8 @@ import pytest
 import pytest_twisted
 import treq
 
+from ntonix import __version__
+
 from harness import JSON, chat_body, http_client, run_to_exit
 
 
@@ -94,6 +96,7 @@ async def test_demo_answers_at_once(gateway_factory):
     http = http_client()
     health = await http.get(gw.url + "/health")
     assert health.code == 200
+    assert health.headers.getRawHeaders(b"server") == [f"ntonix/{__version__}".encode()]
     assert (await health.json())["status"] == "healthy"
     root = await (await http.get(gw.url + "/")).json()
     assert root["name"] == "NTONIX"
@@ -103,6 +106,8 @@ async def test_demo_answers_at_once(gateway_factory):
     assert r.code == 200 and doc["object"] == "chat.completion"
     assert doc["choices"][0]["message"]["content"]
     assert r.headers.getRawHeaders(b"x-backend-id")[0].startswith(b"demo-")
+    # A relayed answer keeps the backend's own Server header.
+    assert r.headers.getRawHeaders(b"server")[0].startswith(b"TwistedWeb/")
     models = await treq.json_content(await http.get(gw.url + "/v1/models"))
     assert [m["id"] for m in models["data"]] == ["mock-llm"]
 

@@ -39,3 +39,22 @@ def test_json_lines_carry_fields():
     rec = json.loads(out.getvalue())
     assert rec["message"] == "backend b:1 up" and rec["backend"] == "b:1"
     assert rec["component"] == "ntonix.test" and rec["level"] == "info" and rec["raw"] == "\ufffd"
+
+
+def test_twisted_port_chatter_only_at_debug():
+    from twisted.python import log as legacy
+
+    for level, shown in (("info", False), ("debug", True)):
+        out = io.StringIO()
+        obs = make_observer(LoggingConfig(level=level), stdout=out)
+        legacy.theLogPublisher.addObserver(obs)  # the legacy path, as Twisted's ports use it
+        try:
+            legacy.msg("GatewaySite starting on 8080")
+            legacy.msg("(TCP Port 8080 Closed)")
+            legacy.msg("Site starting on the moon")  # not port chatter: kept
+        finally:
+            legacy.theLogPublisher.removeObserver(obs)
+        text = out.getvalue()
+        assert ("GatewaySite starting on 8080" in text) is shown
+        assert ("(TCP Port 8080 Closed)" in text) is shown
+        assert "Site starting on the moon" in text
