@@ -9,11 +9,13 @@ rotated by size with Twisted's ``LogFile``. ``logging.level`` filters both
 """
 
 import datetime
+import functools
 import json
 import os
 import re
+import string
 import sys
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional, Tuple
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -64,8 +66,57 @@ def _stamp(event: Dict[str, Any]) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(event.get("log_time") or 0, datetime.timezone.utc)
 
 
+_FORMATTER = string.Formatter()
+_CONVERT = {"r": repr, "s": str, "a": ascii}
+Compiled = Tuple[Tuple[str, Optional[str], str, Optional[str]], ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile(fmt: str) -> Optional[Compiled]:
+    """A format string's literal parts and plain field names, parsed once.
+
+    None when it uses more than plain names (calls, attributes, indexes,
+    nested specs), which Twisted's own formatter then handles.
+    """
+    parts = []
+    try:
+        for literal, field, spec, conversion in _FORMATTER.parse(fmt):
+            if field is not None and (not field.isidentifier() or "{" in (spec or "")):
+                return None
+            parts.append((literal, field, spec or "", conversion))
+    except ValueError:
+        return None
+    return tuple(parts)
+
+
+def format_event(event: Dict[str, Any]) -> str:
+    """``twisted.logger.formatEvent``, with each format string parsed once.
+
+    Twisted re-parses the format of every event through ``string.Formatter``
+    (about 15 us for an access line, a quarter of the cost of logging it);
+    events it would format differently (no format, legacy text, fields that
+    are missing or fail to format) go to it unchanged.
+    """
+    fmt = event.get("log_format")
+    compiled = _compile(fmt) if isinstance(fmt, str) else None
+    if compiled is None:
+        return formatEvent(event)
+    out = []
+    try:
+        for literal, field, spec, conversion in compiled:
+            out.append(literal)
+            if field is not None:
+                value = event[field]
+                if conversion:
+                    value = _CONVERT[conversion](value)
+                out.append(format(value, spec))
+    except Exception:
+        return formatEvent(event)
+    return "".join(out)
+
+
 def _message(event: Dict[str, Any]) -> str:
-    text = formatEvent(event)
+    text = format_event(event)
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         text = f"{text}\n{failure.getTraceback()}"

@@ -58,3 +58,37 @@ def test_twisted_port_chatter_only_at_debug():
         assert ("GatewaySite starting on 8080" in text) is shown
         assert ("(TCP Port 8080 Closed)" in text) is shown
         assert "Site starting on the moon" in text
+
+
+def test_format_event_matches_twisted_formatter():
+    from twisted.logger import formatEvent
+
+    from ntonix.observe.logs import format_event
+
+    class Thing:
+        attr = "attribute"
+
+        def __repr__(self):
+            return "<thing>"
+
+    base = {"log_time": 0.0, "log_level": LogLevel.info, "log_namespace": "t"}
+    cases = [
+        ("{client} {method} {status} {latency}ms", dict(client="1.2.3.4", method="POST",
+                                                          status=200, latency=1.25)),
+        ("{x!r} {x!s} {x!a}", dict(x="é\n")),
+        ("{v:.3f} {v:>8} {{literal}} {n:05d}", dict(v=1.23456, n=42)),
+        ("{b} {none} {t}", dict(b=b"\xff", none=None, t=Thing())),
+        ("{t.attr} {t!r}", dict(t=Thing())),  # attribute access: Twisted's path
+        ("{f()}", dict(f=lambda: "called")),  # a call: Twisted's path
+        ("{missing} here", dict()),  # Twisted's "Unable to format" text
+        ("{n:d}", dict(n="not a number")),  # a failing spec: Twisted's text
+        ("{0} positional", dict()),
+        ("unbalanced {", dict()),
+        (None, dict(log_text="legacy text")),
+        (None, dict(message=("legacy", "message"))),
+    ]
+    for fmt, fields in cases:
+        event = dict(base, **fields)
+        if fmt is not None:
+            event["log_format"] = fmt
+        assert format_event(event) == formatEvent(event), fmt
