@@ -109,11 +109,21 @@ async def test_stalled_reader_pauses_backend_and_bounds_gateway_memory(gateway_f
         await client.wait_data(5)
         client.transport.pauseProducing()  # stop reading: the client socket fills up
         await until(lambda: big.stats.pauses >= 1, timeout=10)
-        # Once paused, the backend stays paused: nothing more is generated.
-        await sleep(0.3)
+        # The buffers between the two fill up, then the backend stays paused:
+        # nothing more is generated. (On a loaded machine the filling takes
+        # a while: wait until the count holds still, bounded.)
+        seen = [-1, 0]
+
+        def settled():
+            now = big.stats.bytes_sent
+            seen[:] = [now, seen[1] + 1 if now == seen[0] else 0]
+            return seen[1] >= 3
+
+        await until(settled, timeout=10, step=0.1)
         sent_paused = big.stats.bytes_sent
         await sleep(0.5)
-        assert big.stats.bytes_sent == sent_paused
+        assert big.stats.bytes_sent == sent_paused, (sent_paused, big.stats.bytes_sent,
+                                                     big.stats.pauses)
         in_flight = sent_paused - sent_before - len(client.received)
         growth_kb = rss_kb(gw.transport.pid) - base_rss
         # Bounded by socket buffers, nowhere near the 40 MB stream.
