@@ -188,7 +188,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
             tls = ServerTLS(config)
         except ConfigError as e:
             raise config_exit(e) from None
-    top = GatewayService(make_observer(config.logging, daemon_log=daemon_log))
+    top = GatewayService(make_observer(config.logging, daemon_log=daemon_log, reactor=reactor))
     gateway = Gateway(config, reactor)
     top.gateway = gateway
     limits = Limits.from_config(config.server)

@@ -92,3 +92,40 @@ def test_format_event_matches_twisted_formatter():
         if fmt is not None:
             event["log_format"] = fmt
         assert format_event(event) == formatEvent(event), fmt
+
+
+def test_lines_flushed_once_per_reactor_turn_and_at_once_without_a_running_reactor():
+    import threading
+
+    from twisted.internet.task import Clock
+
+    from ntonix.observe.logs import ConsoleObserver
+
+    class Counting(io.StringIO):
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+            super().flush()
+
+    clock = Clock()
+    clock.running = True
+    out = Counting()
+    obs = ConsoleObserver(out, False, clock)
+    for i in range(5):
+        emit(obs, LogLevel.info, "line {i}", i=i)
+    assert out.getvalue().count("\n") == 5 and out.flushes == 0
+    clock.advance(0)  # the end of this reactor turn
+    assert out.flushes == 1
+    emit(obs, LogLevel.info, "next turn")
+    clock.advance(0)
+    assert out.flushes == 2
+
+    # Off the reactor's thread, or with no reactor running: at once.
+    t = threading.Thread(target=emit, args=(obs, LogLevel.info, "from a thread"))
+    t.start()
+    t.join()
+    assert out.flushes == 3
+    clock.running = False
+    emit(obs, LogLevel.info, "at shutdown")
+    assert out.flushes == 4 and not clock.getDelayedCalls()
