@@ -16,11 +16,12 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from twisted.internet import defer, protocol, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 
 CONTENT = re.compile(rb'"content":"[^"]')
 END_CHUNKED = b"\r\n0\r\n\r\n"
@@ -180,6 +181,37 @@ async def start_gateway(reactor: Any, mock_port: int, args: List[str]) -> Tuple[
     return gw, gw_port
 
 
+def self_signed(directory: str) -> Tuple[str, str, Any]:
+    """A certificate for ``localhost`` and its key, written to ``directory``,
+    and client TLS options that trust it."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from twisted.internet import ssl
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert_path, key_path = Path(directory) / "bench.crt", Path(directory) / "bench.key"
+    cert_path.write_bytes(pem)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    trust = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(pem))
+    return str(cert_path), str(key_path), trust
+
+
 async def start_bare_relay(reactor: Any, mock_port: int) -> Tuple[Child, int]:
     """Twisted's own TCP port forwarder in front of the mock, its own process.
 
@@ -208,7 +240,8 @@ async def wait_accepting(reactor: Any, child: Child, port: int, what: str,
         try:
             c = await connect(reactor, port)
             c.transport.loseConnection()
-            child.up.callback(port)
+            if not child.up.called:
+                child.up.callback(port)
             return
         except Exception:
             if reactor.seconds() > deadline or child.ended.called:
@@ -224,8 +257,11 @@ async def stop_children(reactor: Any, *children: Child) -> None:
 
 
 async def connect(reactor: Any, port: int, read_rate: Optional[float] = None,
-                  rcvbuf: Optional[int] = None) -> Conn:
+                  rcvbuf: Optional[int] = None, tls: Any = None) -> Conn:
+    """A bench client; ``tls``: client TLS options, for an HTTPS port."""
     ep = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+    if tls is not None:
+        ep = wrapClientTLS(tls, ep)
     c = await connectProtocol(ep, Conn(reactor, read_rate))
     if rcvbuf:
         import socket
@@ -250,8 +286,8 @@ async def control(reactor: Any, mock_port: int, **knobs: Any) -> None:
     c.transport.loseConnection()
 
 
-async def serial_latency(reactor: Any, port: int, n: int) -> List[float]:
-    c = await connect(reactor, port)
+async def serial_latency(reactor: Any, port: int, n: int, tls: Any = None) -> List[float]:
+    c = await connect(reactor, port, tls=tls)
     out = []
     for i in range(n):
         status, _, _, total = await c.request(chat_request(f"serial {i % 50}", False, 16))
@@ -261,12 +297,25 @@ async def serial_latency(reactor: Any, port: int, n: int) -> List[float]:
     return out
 
 
+async def fresh_connections(reactor: Any, port: int, n: int, tls: Any) -> List[float]:
+    """Connect, ask, close, ``n`` times: latencies including the handshake."""
+    out = []
+    for i in range(n):
+        t0 = reactor.seconds()
+        c = await connect(reactor, port, tls=tls)
+        status, _, _, _ = await c.request(chat_request(f"fresh {i % 50}", False, 16))
+        assert status == 200, status
+        out.append(reactor.seconds() - t0)
+        c.transport.loseConnection()
+    return out
+
+
 async def throughput(reactor: Any, port: int, clients: int, seconds: float,
-                     make_request: Any = None) -> Tuple[float, List[float]]:
+                     make_request: Any = None, tls: Any = None) -> Tuple[float, List[float]]:
     """Requests/s and latencies of ``clients`` keep-alive clients asking
     back to back for ``seconds``; ``make_request(client, i)`` builds each."""
     make_request = make_request or (lambda k, i: chat_request(f"tp {k} {i % 20}", False, 16))
-    conns = [await connect(reactor, port) for _ in range(clients)]
+    conns = [await connect(reactor, port, tls=tls) for _ in range(clients)]
     deadline = reactor.seconds() + seconds
     latencies: List[float] = []
 
@@ -406,6 +455,28 @@ async def measure(reactor: Any, args: argparse.Namespace, mock: Child, mock_port
         await stop_children(reactor, logging_gw)
     print(f"  {'  the same with an access line each':<38} gateway {logged:9.2f} rq/s "
           f"(x{logged / rps['direct']:.2f}), the default log level", flush=True)
+
+    # HTTPS from the client to the gateway (the backend stays plain HTTP):
+    # on kept-alive connections, and with a new TLS connection per request.
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key, trust = self_signed(tmp)
+        tls_port = free_port()
+        tls_gw, _ = await start_gateway(reactor, mock_port, [
+            "--log-level", "warn", "--cert", cert, "--key", key, "--ssl-port", str(tls_port)])
+        try:
+            await wait_accepting(reactor, tls_gw, tls_port, "HTTPS listener")
+            await serial_latency(reactor, tls_port, 50, tls=trust)
+            tls_lat = await serial_latency(reactor, tls_port, 200 if q else 1000, tls=trust)
+            row("HTTPS non-streamed p50, 1 client", 1000 * pct(lat["direct"], 50),
+                1000 * pct(tls_lat, 50), "ms", "-")
+            tls_rps, _ = await throughput(reactor, tls_port, 64, 3 if q else 8, tls=trust)
+            row("HTTPS requests/s, 64 clients", rps["direct"], tls_rps, "rq/s", "-",
+                added=False)
+            fresh = await fresh_connections(reactor, tls_port, 100 if q else 300, trust)
+            print(f"  {'  new TLS connection per request':<38} p50 {1000 * pct(fresh, 50):.2f} ms, "
+                  f"p99 {1000 * pct(fresh, 99):.2f} ms (handshake, request, answer)", flush=True)
+        finally:
+            await stop_children(reactor, tls_gw)
 
     def relay_row(direct: List[float], relayed: List[float]) -> None:
         print(f"  {'  the same through a bare TCP relay':<38} p50 {1000 * pct(relayed, 50):.2f} ms "
