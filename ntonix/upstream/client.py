@@ -8,9 +8,9 @@ at 64 clients, for behaviour a transparent proxy must not have (see
 docs/adr/0002-agent-for-forwarding.md).
 """
 
+from collections import Counter
 from http.cookiejar import CookieJar
 from ipaddress import IPv4Address, ip_address
-from collections import Counter
 from typing import Any
 
 from treq.client import HTTPClient
