@@ -161,8 +161,12 @@ async def start_children(reactor: Any, mock_args: List[str], extra_gateway_args:
     reactor.spawnProcess(mock, py, [py, "-m", "ntonix_mock", "--port", "0", "--id", "bench",
                                     *mock_args], env={"PYTHONUNBUFFERED": "1"})
     mock_port = await mock.up.addTimeout(20, reactor)
-    gw, gw_port = await start_gateway(reactor, mock_port, ["--log-level", "warn",
-                                                           *extra_gateway_args])
+    try:
+        gw, gw_port = await start_gateway(reactor, mock_port, ["--log-level", "warn",
+                                                               *extra_gateway_args])
+    except BaseException:
+        await stop_children(reactor, mock)
+        raise
     return mock, mock_port, gw, gw_port
 
 
@@ -235,6 +239,9 @@ async def start_bare_relay(reactor: Any, mock_port: int) -> Tuple[Child, int]:
 async def wait_accepting(reactor: Any, child: Child, port: int, what: str,
                          seconds: float = 20) -> None:
     """Until ``child`` accepts on ``port`` (its log may not say so), bounded."""
+    # Its exit is reported here, from its output; not again as an unhandled
+    # error of ``up``.
+    child.up.addErrback(lambda _: None)
     deadline = reactor.seconds() + seconds
     while True:
         try:
@@ -245,6 +252,8 @@ async def wait_accepting(reactor: Any, child: Child, port: int, what: str,
             return
         except Exception:
             if reactor.seconds() > deadline or child.ended.called:
+                if not child.ended.called:
+                    child.transport.signalProcess("KILL")
                 raise RuntimeError(f"{what} did not start: " + child.out.decode(errors="replace"))
             await task.deferLater(reactor, 0.05, lambda: None)
 
@@ -409,11 +418,13 @@ async def slow_readers(reactor: Any, port: int, n: int, seconds: float, pid: int
 
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     mock, mock_port, gw, gw_port = await start_children(reactor, [])
-    relay, relay_port = await start_bare_relay(reactor, mock_port)
+    children = [gw, mock]
     try:
+        relay, relay_port = await start_bare_relay(reactor, mock_port)
+        children.insert(0, relay)
         await measure(reactor, args, mock, mock_port, gw, gw_port, relay_port)
     finally:
-        await stop_children(reactor, relay, gw, mock)
+        await stop_children(reactor, *children)
 
 
 async def measure(reactor: Any, args: argparse.Namespace, mock: Child, mock_port: int,
