@@ -18,7 +18,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
@@ -150,13 +150,9 @@ def free_port() -> int:
 
 async def start_children(reactor: Any, mock_args: List[str], extra_gateway_args: List[str] = (),
                          ) -> Tuple[Child, int, Child, int]:
-    """A mock backend and a gateway in front of it, each its own process.
-
-    The gateway logs at warn (no per-request access lines), so its listening
-    line is not printed: it gets a free port and is waited for by connecting.
-    """
+    """A mock backend and a gateway in front of it (logging at warn: no
+    per-request access lines), each its own process."""
     py = sys.executable
-    twistd = str(Path(py).with_name("twistd"))
     mock = Child(rb"listening on 127\.0\.0\.1:(\d+)")
     reactor.spawnProcess(mock, py, [py, "-m", "ntonix_mock", "--port", "0", "--id", "bench",
                                     *mock_args], env={"PYTHONUNBUFFERED": "1"})
@@ -171,18 +167,24 @@ async def start_children(reactor: Any, mock_args: List[str], extra_gateway_args:
 
 
 async def start_gateway(reactor: Any, mock_port: int, args: List[str]) -> Tuple[Child, int]:
-    """``twistd ntonix`` in front of the mock, on a free port (its listening
-    line may be filtered out by its log level: it is waited for by connecting)."""
+    """``twistd ntonix`` in front of the mock."""
+    return await start_twistd(reactor, "gateway", lambda port: [
+        "ntonix", "--port", str(port), "--bind", "127.0.0.1",
+        "--backend", f"127.0.0.1:{mock_port}", *args])
+
+
+async def start_twistd(reactor: Any, what: str,
+                       argv: Callable[[int], List[str]]) -> Tuple[Child, int]:
+    """``twistd -n <argv(port)>`` on a free port, waited for by connecting:
+    its log level may filter out its listening line."""
     py = sys.executable
     twistd = str(Path(py).with_name("twistd"))
-    gw_port = free_port()
-    gw = Child(rb"(?!)")
-    reactor.spawnProcess(gw, twistd, [twistd, "-n", "--pidfile=", "ntonix", "--port", str(gw_port),
-                                      "--bind", "127.0.0.1", "--backend", f"127.0.0.1:{mock_port}",
-                                      *args],
+    port = free_port()
+    child = Child(rb"(?!)")
+    reactor.spawnProcess(child, twistd, [twistd, "-n", "--pidfile=", *argv(port)],
                          env={"PYTHONUNBUFFERED": "1"})
-    await wait_accepting(reactor, gw, gw_port, "gateway")
-    return gw, gw_port
+    await wait_accepting(reactor, child, port, what)
+    return child, port
 
 
 def self_signed(directory: str) -> Tuple[str, str, Any]:
@@ -224,16 +226,9 @@ async def start_bare_relay(reactor: Any, mock_port: int) -> Tuple[Child, int]:
     Python relay adds on this machine, before any HTTP work; the gateway's
     figures are printed beside it so that the two can be told apart.
     """
-    py = sys.executable
-    twistd = str(Path(py).with_name("twistd"))
-    port = free_port()
-    relay = Child(rb"(?!)")
-    reactor.spawnProcess(relay, twistd, [twistd, "-n", "--pidfile=", "portforward",
-                                         "-p", f"tcp:{port}:interface=127.0.0.1",
-                                         "-h", "127.0.0.1", "-d", str(mock_port)],
-                         env={"PYTHONUNBUFFERED": "1"})
-    await wait_accepting(reactor, relay, port, "bare relay")
-    return relay, port
+    return await start_twistd(reactor, "bare relay", lambda port: [
+        "portforward", "-p", f"tcp:{port}:interface=127.0.0.1",
+        "-h", "127.0.0.1", "-d", str(mock_port)])
 
 
 async def wait_accepting(reactor: Any, child: Child, port: int, what: str,
