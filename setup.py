@@ -56,6 +56,9 @@ setup(
         "xxhash>=3.4.0",
         "attrs>=23.2.0",
         "prometheus-client>=0.20.0",
+        # The data plane's HTTP/1.1 parser, both directions (llhttp, as in
+        # Node.js and uvicorn): docs/adr/0009-httptools-data-plane.md.
+        "httptools>=0.6.4",
     ],
     extras_require={
         "test": [

@@ -10,7 +10,7 @@ from twisted.logger import Logger
 
 from ntonix.config import BackendConfig
 from ntonix.gateway import Gateway
-from ntonix.http.channel import GatewaySite
+from ntonix.http.server import GatewayServer
 
 log = Logger(namespace="ntonix.services")
 
@@ -107,7 +107,7 @@ class DrainService(Service):
 
     POLL_SECONDS = 0.05
 
-    def __init__(self, reactor: Any, gateway: Gateway, sites: List[GatewaySite]) -> None:
+    def __init__(self, reactor: Any, gateway: Gateway, sites: List[GatewayServer]) -> None:
         self.reactor = reactor
         self.gateway = gateway
         self.sites = sites

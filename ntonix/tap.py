@@ -16,7 +16,7 @@ from ntonix.config import ConfigError, Raw
 from ntonix.cache.manager import CacheSweeper
 from ntonix.console import make_console_factory
 from ntonix.gateway import Gateway
-from ntonix.http.channel import GatewaySite, Limits
+from ntonix.http.server import GatewayServer, Limits
 from ntonix.http.routes import Router
 from ntonix.observe.logs import make_observer
 from ntonix.routing.health import HealthChecker
@@ -192,7 +192,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
     gateway = Gateway(config, reactor)
     top.gateway = gateway
     limits = Limits.from_config(config.server)
-    site = GatewaySite(Router(gateway), limits, reactor)
+    site = GatewayServer(Router(gateway), limits, reactor)
     gateway.metrics.sites.append(site)
     if config.demo.enabled:
         DemoBackendsService(reactor, gateway, config.demo.ports).setServiceParent(top)

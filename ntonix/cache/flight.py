@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
-from twisted.web.server import Request
 from zope.interface import implementer
 
 from ntonix.cache.store import Entry, ResponseStore
+from ntonix.http.request import Request
 from ntonix.upstream.relay import answer_error, end_response, server_timing
 
 if TYPE_CHECKING:
+    from ntonix.upstream.connection import UpstreamResponse
     from ntonix.upstream.relay import Exchange
 
 log = Logger(namespace="ntonix.cache.flight")
@@ -47,11 +47,12 @@ class Subscriber:
         self.started = False
         self.finished = False
         self.gone = False
-        request.notifyFinish().addErrback(self._lost)
+        request.when_done(self._done)
 
-    def _lost(self, _: Any) -> None:
-        self.gone = True
-        self.flight.leave(self)
+    def _done(self, reason: Any) -> None:
+        if reason is not None:
+            self.gone = True
+            self.flight.leave(self)
 
     # -- IPushProducer: the client's connection says when it wants more
     def pauseProducing(self) -> None:
@@ -73,15 +74,14 @@ class Subscriber:
         self.started = True
         f, req = self.flight, self.request
         req.setResponseCode(f.code, f.phrase)
-        for name, values in f.headers:
-            req.responseHeaders.setRawHeaders(name, values)
+        req.headers_out.extend(f.headers)
         if f.backend_name and self.cache_status != b"HIT":
             # As for stored hits, a joiner is told it was served by the cache;
             # the access log still names the backend.
-            req.setHeader(b"X-Backend", f.backend_name.encode())
-        req.setHeader(b"X-Cache", self.cache_status)
+            req.addHeader(b"X-Backend", f.backend_name.encode())
+        req.addHeader(b"X-Cache", self.cache_status)
         if f.length is not None:
-            req.setHeader(b"Content-Length", b"%d" % f.length)
+            req.addHeader(b"Content-Length", b"%d" % f.length)
         info = getattr(req, "info", None)
         if info is not None:
             # A joiner waited for the shared answer: that is upstream time.
@@ -112,7 +112,7 @@ class Subscriber:
         if self.gone or self.finished:
             return
         self.finished = True
-        info = getattr(self.request, "info", None)
+        info = self.request.info
         if info is not None:
             info.upstream_failed = True
         self.request.setHeader(b"X-Cache", self.cache_status)
@@ -173,11 +173,11 @@ class Flight:
             self.subscriber_resumed()
 
     # -- sink interface for the Exchange
-    def commit(self, exchange: "Exchange", response: IResponse, producer: Any) -> None:
+    def commit(self, exchange: "Exchange", response: "UpstreamResponse", producer: Any) -> None:
         self.code, self.phrase = response.code, response.phrase
-        self.headers = [(n, list(v)) for n, v in exchange.response_headers().getAllRawHeaders()
+        self.headers = [(n, v) for n, v in exchange.response_headers()
                         if n.lower() not in PER_RESPONSE]
-        self.length = None if response.length is UNKNOWN_LENGTH else response.length
+        self.length = response.length
         self.backend_name = exchange.backend_name
         self.sse = exchange.sse
         self.upstream = producer
@@ -221,8 +221,8 @@ class Flight:
     def stalled(self) -> None:
         """Every subscriber stopped reading for the idle timeout."""
         for sub in list(self.subscribers):
-            if sub.paused and sub.request.channel is not None:
-                sub.request.channel.transport.abortConnection()
+            if sub.paused:
+                sub.request.abort()
 
     def fail(self, status: int, message: str, code: str, retry_after: bool) -> None:
         # A failing leader leaves nobody hanging: every joiner gets its error.
@@ -283,25 +283,25 @@ class Replay:
         self.done = False
         self.timer: Optional[IDelayedCall] = None
         self.started_at = 0.0
-        request.notifyFinish().addErrback(self._lost)
+        request.when_done(self._done)
 
     def start(self) -> None:
         e, req = self.entry, self.request
         req.setResponseCode(e.code, e.phrase)
-        for name, values in e.headers:
-            req.responseHeaders.setRawHeaders(name, values)
-        req.setHeader(b"X-Cache", b"HIT")
-        req.setHeader(b"Age", b"%d" % max(0, int(self.clock.seconds() - e.stored_at)))
+        req.headers_out.extend(e.headers)
+        req.addHeader(b"X-Cache", b"HIT")
+        req.addHeader(b"Age", b"%d" % max(0, int(self.clock.seconds() - e.stored_at)))
         if not e.sse:
-            req.setHeader(b"Content-Length", b"%d" % sum(len(c) for c in e.chunks))
+            req.addHeader(b"Content-Length", b"%d" % sum(len(c) for c in e.chunks))
         server_timing(req)
         self.started_at = self.clock.seconds()
         req.registerProducer(self, True)
         self.pump()
 
-    def _lost(self, _: Any) -> None:
-        self.done = True
-        self._cancel()
+    def _done(self, reason: Any) -> None:
+        if reason is not None:
+            self.done = True
+            self._cancel()
 
     def _cancel(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -317,7 +317,8 @@ class Replay:
         self.pump()
 
     def stopProducing(self) -> None:
-        self._lost(None)
+        self.done = True
+        self._cancel()
 
     def pump(self) -> None:
         self.timer = None

@@ -7,12 +7,12 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.server import Request
 
 from ntonix.cache.flight import Flight, Replay
 from ntonix.cache.key import cache_key, is_sampled
 from ntonix.cache.store import ResponseStore
 from ntonix.config import CacheConfig
+from ntonix.http.request import Request
 from ntonix.observe.access import annotate
 
 log = Logger(namespace="ntonix.cache")

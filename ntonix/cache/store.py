@@ -23,7 +23,7 @@ class Entry:
 
     code: int
     phrase: bytes
-    headers: List[Tuple[bytes, List[bytes]]]
+    headers: List[Tuple[bytes, bytes]]
     chunks: List[bytes]
     sse: bool
     stored_at: float
@@ -32,7 +32,7 @@ class Entry:
     size: int = 0
 
     def compute_size(self) -> int:
-        head = sum(len(n) + sum(len(v) for v in vs) for n, vs in self.headers)
+        head = sum(len(n) + len(v) for n, v in self.headers)
         return ENTRY_OVERHEAD + head + sum(len(c) for c in self.chunks) \
             + 8 * len(self.times or ())
 

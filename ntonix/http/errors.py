@@ -2,9 +2,7 @@
 
 import json
 from http import HTTPStatus
-from typing import Optional
-
-from twisted.web.server import Request
+from typing import Any, Optional
 
 # The OpenAI API's error types, by the status they usually travel with.
 _TYPE_FOR_STATUS = {
@@ -33,14 +31,15 @@ def error_json(status: int, message: str, code: Optional[str] = None,
     ).encode()
 
 
-def write_error(request: Request, status: int, message: str, code: Optional[str] = None,
-                type_: Optional[str] = None) -> bytes:
-    """Set status and headers on ``request`` and return the body to write."""
+def send_error(request: Any, status: int, message: str, code: Optional[str] = None,
+               type_: Optional[str] = None) -> None:
+    """Answer ``request`` with an error, whole."""
     body = error_json(status, message, code, type_)
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", b"%d" % len(body))
-    return body
+    request.write(body)
+    request.finish()
 
 
 def raw_error_response(status: int, message: str, code: Optional[str],

@@ -1,8 +1,7 @@
-"""The gateway's URL space: one leaf resource dispatching on method and path.
+"""The gateway's URL space: one table dispatching on method and path.
 
-A flat table instead of a Resource tree: every answer, 404 and 405 included,
-is JSON, every answer carries ``X-Request-ID``, and the table is the list that
-``GET /`` shows.
+Every answer, 404 and 405 included, is JSON, every answer carries
+``X-Request-ID``, and the table is the list that ``GET /`` shows.
 """
 
 import json
@@ -11,12 +10,11 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
 import treq
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import server
 from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
 
 from ntonix._version import __version__
-from ntonix.http.errors import write_error
+from ntonix.http.errors import send_error
+from ntonix.http.request import Request
 from ntonix.http.validate import (
     ROUTE_CHAT,
     ROUTE_COMPLETIONS,
@@ -35,7 +33,7 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="ntonix.http.routes")
 
-Handler = Callable[[server.Request], Any]
+Handler = Callable[[Request], None]
 
 FORWARDED = {
     b"/v1/chat/completions": ROUTE_CHAT,
@@ -49,19 +47,17 @@ ROUTE_LABELS = {**{p: r for p, r in FORWARDED.items()},
                 b"/metrics": "metrics", b"/metrics/prometheus": "metrics"}
 
 
-def json_body(request: server.Request, obj: Any, status: int = 200) -> bytes:
+def send_json(request: Request, obj: Any, status: int = 200) -> None:
     data = json.dumps(obj, indent=None, separators=(",", ":")).encode() + b"\n"
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", b"%d" % len(data))
-    return data
+    request.write(data)
+    request.finish()
 
 
-class Router(Resource):
-    isLeaf = True
-
+class Router:
     def __init__(self, gateway: "Gateway") -> None:
-        super().__init__()
         self.gateway = gateway
         self.routes: Dict[Tuple[bytes, bytes], Tuple[Handler, str]] = {
             (b"GET", b"/"): (self.root, "this list"),
@@ -75,36 +71,34 @@ class Router(Resource):
         for path, route in FORWARDED.items():
             self.routes[(b"POST", path)] = (self._forwarder(route), f"forwarded ({route})")
 
-    def render(self, request: server.Request) -> Any:
+    def handle(self, request: Request) -> None:
         request_id = request_id_from(request.requestHeaders)
-        request.setHeader(b"X-Request-ID", request_id)
+        request.addHeader(b"X-Request-ID", request_id)
         request.request_id = request_id
         self._track(request, request_id)
         if self.gateway.draining:
             # Shutting down: finish this answer, then close the connection.
-            request.setHeader(b"Connection", b"close")
-            request.channel.persistent = False
-        path = request.path.split(b"?", 1)[0]
+            request.keep_alive = False
+        path = request.path
         method = b"GET" if request.method == b"HEAD" else request.method
         entry = self.routes.get((method, path))
         if entry is None:
             allowed = sorted(m.decode() for (m, p) in self.routes if p == path)
             if allowed:
                 request.setHeader(b"Allow", ", ".join(allowed).encode())
-                return write_error(request, 405, f"method {request.method.decode('latin-1')} "
-                                   f"not allowed on {path.decode('latin-1')}; use "
-                                   + " or ".join(allowed), "method_not_allowed")
-            return write_error(request, 404, f"no route {path.decode('latin-1')!r}; "
-                               "GET / lists the endpoints", "not_found")
-        return entry[0](request)
+                return send_error(request, 405, f"method {request.method.decode('latin-1')} "
+                                  f"not allowed on {path.decode('latin-1')}; use "
+                                  + " or ".join(allowed), "method_not_allowed")
+            return send_error(request, 404, f"no route {path.decode('latin-1')!r}; "
+                              "GET / lists the endpoints", "not_found")
+        entry[0](request)
 
-    def _track(self, request: server.Request, request_id: bytes) -> None:
+    def _track(self, request: Request, request_id: bytes) -> None:
         gw = self.gateway
-        client = request.getClientAddress()
-        path = request.path.split(b"?", 1)[0]
+        path = request.path
         info = RequestInfo(
             request_id=request_id.decode("ascii"), method=request.method.decode("latin-1"),
-            path=path.decode("latin-1"), client=getattr(client, "host", str(client)),
+            path=path.decode("latin-1"), client=request.client_ip,
             received_at=gw.reactor.seconds(),
             route=ROUTE_LABELS.get(path, "unknown"))
         request.info = info
@@ -113,26 +107,26 @@ class Router(Resource):
         def done(result: Any) -> None:
             gw.metrics.active -= 1
             info.finished_at = gw.reactor.seconds()
-            if result is not None:  # a Failure: the connection went away first
+            if result is not None:  # the connection went away first
                 info.outcome = CLIENT_CLOSED
             elif info.upstream_failed:
                 info.outcome = UPSTREAM_ERROR
             try:
                 if gw.access_log_enabled:
-                    log_access(info, request.code, request.sentLength)
+                    log_access(info, request.code, request.sent_length)
                 gw.metrics.finished(info, request.code)
             except Exception:
                 log.failure("accounting request {request_id}", request_id=info.request_id)
 
-        request.notifyFinish().addBoth(done)
+        request.when_done(done)
         if request.method != b"POST" or path not in FORWARDED:
             # Answers made here: their head is written now, with no upstream.
             request.setHeader(b"Server-Timing", info.timing(gw.reactor.seconds()).encode())
 
     # -- information
-    def root(self, request: server.Request) -> bytes:
+    def root(self, request: Request) -> None:
         endpoints = [f"{m.decode()} {p.decode()}" for (m, p) in self.routes]
-        return json_body(request, {
+        send_json(request, {
             "name": "NTONIX",
             "description": "AI inference gateway for OpenAI-compatible LLM backends",
             "version": __version__,
@@ -141,7 +135,7 @@ class Router(Resource):
                        self.routes.items()},
         })
 
-    def health(self, request: server.Request) -> bytes:
+    def health(self, request: Request) -> None:
         total = len(self.gateway.backends)
         up = sum(1 for b in self.gateway.backends if b.available)
         status, code = "healthy", 200
@@ -151,21 +145,21 @@ class Router(Resource):
             # No backend could answer (none configured, or all circuits
             # open): a load balancer in front should send traffic elsewhere.
             status, code = "unhealthy", 503
-        return json_body(request, {"status": status, "backends_available": up,
+        send_json(request, {"status": status, "backends_available": up,
                                    "backends_total": total,
                                    "uptime_seconds": round(self.gateway.uptime(), 3)}, code)
 
-    def backends(self, request: server.Request) -> bytes:
+    def backends(self, request: Request) -> None:
         now = self.gateway.reactor.seconds()
-        return json_body(request, {"now": now, "algorithm": self.gateway.config.balancer.algorithm,
-                                   "backends": [b.as_json() for b in self.gateway.backends]})
+        send_json(request, {"now": now, "algorithm": self.gateway.config.balancer.algorithm,
+                            "backends": [b.as_json() for b in self.gateway.backends]})
 
-    def models(self, request: server.Request) -> Any:
+    def models(self, request: Request) -> None:
         """Ask every available backend, merge their lists, drop duplicates."""
         live = [b for b in self.gateway.backends if b.available]
         if not live:
             request.setHeader(b"Retry-After", b"1")
-            return write_error(request, 503, "no backend available", "no_backend_available")
+            return send_error(request, 503, "no backend available", "no_backend_available")
         timeout = self.gateway.config.health.timeout_seconds
         headers = Headers({b"X-Request-ID": [request.request_id]})
         auth = request.requestHeaders.getRawHeaders(b"authorization")
@@ -190,53 +184,48 @@ class Router(Resource):
                     for m in doc["data"]:
                         if isinstance(m, dict) and isinstance(m.get("id"), str):
                             seen.setdefault(m["id"], m)
-            if request._disconnected:
+            if request.disconnected:
                 return
             if not answered:
-                body = write_error(request, 502, "no backend answered GET /v1/models",
-                                   "upstream_unreachable")
+                send_error(request, 502, "no backend answered GET /v1/models",
+                           "upstream_unreachable")
             else:
-                body = json_body(request, {"object": "list", "data": list(seen.values())})
-            request.write(body)
-            request.finish()
+                send_json(request, {"object": "list", "data": list(seen.values())})
 
         dl = defer.DeferredList([ask(b) for b in live], consumeErrors=True)
         dl.addCallback(merged)
         dl.addErrback(lambda f: log.failure("merging models", f))
-        return server.NOT_DONE_YET
 
-    def cache_stats(self, request: server.Request) -> bytes:
-        return json_body(request, self.gateway.cache.as_json())
+    def cache_stats(self, request: Request) -> None:
+        send_json(request, self.gateway.cache.as_json())
 
-    def metrics(self, request: server.Request) -> bytes:
+    def metrics(self, request: Request) -> None:
         """JSON by default; Prometheus text when the client asks for it in
         Accept, as a Prometheus scraper does."""
         accept = (request.getHeader(b"accept") or b"").lower()
         if b"openmetrics" in accept or b"text/plain" in accept:
             return self.prometheus(request)
-        return json_body(request, self.gateway.metrics.as_json(self.gateway))
+        send_json(request, self.gateway.metrics.as_json(self.gateway))
 
-    def prometheus(self, request: server.Request) -> bytes:
+    def prometheus(self, request: Request) -> None:
         data, content_type = self.gateway.metrics.prometheus(request.getHeader(b"accept"))
         request.setHeader(b"Content-Type", content_type.encode())
         request.setHeader(b"Content-Length", b"%d" % len(data))
-        return data
+        request.write(data)
+        request.finish()
 
     # -- forwarding
     def _forwarder(self, route: str) -> Handler:
-        def forward(request: server.Request) -> Any:
+        def forward(request: Request) -> None:
             try:
                 check_content_type(request)
-                request.content.seek(0)
-                body = request.content.read()
-                doc = check_body(route, decode_json_body(body))
+                doc = check_body(route, decode_json_body(request.body))
             except BadRequest as e:
-                return write_error(request, e.status, e.message, e.code)
-            self._forward(request, route, doc, body)
-            return server.NOT_DONE_YET
+                return send_error(request, e.status, e.message, e.code)
+            self._forward(request, route, doc, request.body)
         return forward
 
-    def _forward(self, request: server.Request, route: str, doc: dict, body: bytes) -> None:
+    def _forward(self, request: Request, route: str, doc: dict, body: bytes) -> None:
         gw = self.gateway
         stream = doc.get("stream") is True
         cache = gw.cache
@@ -244,9 +233,8 @@ class Router(Resource):
         request.info.sse = stream
         if decision is not None and decision.lookup and cache.answer_from_cache(decision, request):
             return
-        client = request.getClientAddress()
-        headers = upstream_request_headers(request.requestHeaders, getattr(client, "host", ""),
-                                           request.request_id, request.isSecure())
+        headers = upstream_request_headers(request.requestHeaders.raw, request.client_ip,
+                                           request.request_id, request.secure)
         if decision is None or not decision.store:
             sink: Any = ClientSink(request, decision.label if decision else None)
         else:

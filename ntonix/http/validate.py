@@ -3,7 +3,7 @@
 import json
 from typing import Any, Dict
 
-from twisted.web.server import Request
+from ntonix.http.request import Request
 
 ROUTE_CHAT, ROUTE_COMPLETIONS, ROUTE_EMBEDDINGS = "chat", "completions", "embeddings"
 

@@ -40,7 +40,7 @@ COLOURS = {"debug": "\x1b[2m", "info": "", "warn": "\x1b[33m", "error": "\x1b[31
 RESET = "\x1b[0m"
 
 
-# Twisted's own lines for each port opening and closing ("GatewaySite starting
+# Twisted's own lines for each port opening and closing ("GatewayServer starting
 # on 8080", "(TCP Port 8080 Closed)"): the gateway logs its listeners itself,
 # by role ("http listening on 0.0.0.0:8080"), so these are only debug detail.
 _PORT_CHATTER = re.compile(r"\S+ starting on \d+|\(\S+ Port \d+ Closed\)")

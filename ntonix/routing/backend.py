@@ -32,6 +32,12 @@ class Backend:
         return f"{self.host}:{self.port}"
 
     @property
+    def host_header(self) -> bytes:
+        """The Host header of requests sent to this backend."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}".encode("idna")
+
+    @property
     def base_url(self) -> bytes:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}".encode("idna")

@@ -1,26 +1,36 @@
-"""The HTTP client to the backends: one persistent connection pool.
+"""The HTTP client to the backends: our own keep-alive pool on the data
+plane, treq on the control plane.
 
-Forwarded requests go through Twisted's ``Agent`` directly; the gateway's own
-small requests (``/v1/models``, health checks) go through treq on the same
-pool. treq's request path wraps every call in a cookie agent, a gzip-decoding
-agent and a URL re-parse: a third of the gateway's CPU per forwarded request
-at 64 clients, for behaviour a transparent proxy must not have (see
-docs/adr/0002-agent-for-forwarding.md).
+Forwarded requests go over ``UpstreamConnection``s (httptools), kept per
+backend: up to ``proxy.pool_size_per_backend`` idle ones, each closed after
+``proxy.pool_idle_seconds`` unused; new ones are opened with
+``proxy.connect_timeout_seconds`` and counted per backend (the pool churn an
+operator sizes the pool by). A request that fails on a reused connection
+before any byte of answer (the backend closed it while it sat idle) is sent
+once more on a fresh one.
+
+The gateway's own small requests (``/v1/models``, health checks) go through
+treq over Twisted's Agent and a pool of their own: they are few, and their
+answers are read whole.
 """
 
 from collections import Counter
 from http.cookiejar import CookieJar
-from ipaddress import IPv4Address, ip_address
-from typing import Any
+from ipaddress import ip_address
+from typing import Any, Dict, List, Optional
 
 from treq.client import HTTPClient
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
-from zope.interface import implementer
+
+from ntonix.upstream.connection import UpstreamConnection
+
+log = Logger(namespace="ntonix.upstream.client")
 
 
 class NoCookies(CookieJar):
@@ -34,79 +44,91 @@ class NoCookies(CookieJar):
         pass
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written in one go (treq would write
-    bytes from a cooperator task on a later reactor turn)."""
+class UpstreamRequest:
+    """One request on its way to one backend.
 
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> "defer.Deferred[None]":
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-@implementer(IStreamClientEndpoint)
-class CountingEndpoint:
-    """An endpoint that counts the connections it is asked to open.
-
-    The pool only calls ``connect`` when it has no idle connection to reuse,
-    so the count is the connection churn an operator tunes the pool by.
+    Its receiver gets ``got_response(request, response)`` once, or
+    ``failed(request, exception)`` once; ``cancel()`` drops it at any stage.
     """
 
-    def __init__(self, inner: IStreamClientEndpoint, counts: Counter, name: str) -> None:
-        self.inner = inner
-        self.counts = counts
+    __slots__ = ("client", "host", "port", "name", "data", "receiver", "connection",
+                 "connecting", "reused", "done")
+
+    def __init__(self, client: "UpstreamClient", host: str, port: int, name: str, data: bytes,
+                 receiver: Any) -> None:
+        self.client = client
+        self.host = host
+        self.port = port
         self.name = name
+        self.data = data
+        self.receiver = receiver
+        self.connection: Optional[UpstreamConnection] = None
+        self.connecting: Any = None  # a connector or an endpoint's Deferred
+        self.reused = False
+        self.done = False
 
-    def connect(self, factory: Any) -> "defer.Deferred[Any]":
-        self.counts[self.name] += 1
-        return self.inner.connect(factory)
+    def got_response(self, response: Any) -> None:
+        if not self.done:
+            self.done = True
+            self.receiver.got_response(self, response)
+
+    def failed(self, reason: Exception) -> None:
+        if not self.done:
+            self.done = True
+            self.connection = None
+            self.receiver.failed(self, reason)
+
+    def lost(self, reason: Exception, got_bytes: bool) -> None:
+        """The connection ended before the response head."""
+        self.connection = None
+        if self.done:
+            return
+        if self.reused and not got_bytes:
+            # Closed by the backend while idle in the pool: nothing was
+            # answered, so a fresh connection may carry the request.
+            self.reused = False
+            self.client.connect(self)
+            return
+        self.failed(reason)
+
+    def cancel(self) -> None:
+        if self.done and self.connection is None:
+            return
+        self.done = True
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.stopProducing()
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            if isinstance(connecting, defer.Deferred):
+                connecting.cancel()
+            else:
+                connecting.disconnect()
 
 
-@implementer(IAgentEndpointFactory)
-class DirectEndpointFactory:
-    """Connects straight to IP literals, counting new connections per
-    ``host:port`` (the backends' names).
+class _ConnectFactory(ClientFactory):
+    """Opens one connection for one request."""
 
-    The Agent's default goes through HostnameEndpoint, which resolves every
-    new connection's host in the thread pool, even ``127.0.0.1``.
-    """
+    noisy = False
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
-        self.reactor = reactor
-        self.timeout = connect_timeout
-        self.opened: Counter = Counter()
+    def __init__(self, client: "UpstreamClient", request: UpstreamRequest) -> None:
+        self.client = client
+        self.request = request
 
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        host = uri.host.decode("ascii")
-        name = f"{host}:{uri.port}"
-        try:
-            ip = ip_address(host)
-        except ValueError:
-            inner: Any = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return UpstreamConnection(self.client, self.request.name, on_connected=self.connected)
+
+    def connected(self, conn: UpstreamConnection) -> None:
+        request = self.request
+        request.connecting = None
+        if request.done:
+            conn.client.release(conn)  # a cancelled request's connection is still good
         else:
-            cls = TCP4ClientEndpoint if isinstance(ip, IPv4Address) else TCP6ClientEndpoint
-            inner = cls(self.reactor, host, uri.port, timeout=self.timeout)
-        return CountingEndpoint(inner, self.opened, name)
+            conn.send(request)
 
-
-class QuietPool(HTTPConnectionPool):
-    """A pool whose connection factories do not log each new connection."""
-
-    class _factory(HTTPConnectionPool._factory):  # type: ignore[name-defined]
-        noisy = False
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.request.connecting = None
+        self.request.failed(reason.value)
 
 
 class UpstreamClient:
@@ -114,30 +136,110 @@ class UpstreamClient:
 
     def __init__(self, reactor: Any, pool_size_per_backend: int, pool_idle_seconds: float,
                  connect_timeout: float) -> None:
-        self.pool = QuietPool(reactor, persistent=True)
-        # Retrying is the relay's decision (another backend, bounded), and the
-        # pool would only ever retry idempotent methods anyway.
-        self.pool.retryAutomatically = False
-        self.endpoints = DirectEndpointFactory(reactor, connect_timeout)
-        self.reconfigure(pool_size_per_backend, pool_idle_seconds, connect_timeout)
-        self.agent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=self.pool)
+        self.reactor = reactor
+        self.idle: Dict[str, List[UpstreamConnection]] = {}
+        self.opened: Counter = Counter()
+        self.max_idle = pool_size_per_backend
+        self.idle_seconds = pool_idle_seconds
+        self.connect_timeout = connect_timeout
+        self.sweeper: Optional[IDelayedCall] = None
         # For the gateway's own requests, whose answers it reads whole.
-        self.treq = HTTPClient(self.agent, cookiejar=NoCookies())
+        self.control_pool = HTTPConnectionPool(reactor, persistent=True)
+        self.control_pool.maxPersistentPerHost = 2
+        self.control_pool._factory.noisy = False
+        self.treq = HTTPClient(Agent(reactor, pool=self.control_pool), cookiejar=NoCookies())
 
     def reconfigure(self, pool_size_per_backend: int, pool_idle_seconds: float,
                     connect_timeout: float) -> None:
-        self.pool.maxPersistentPerHost = pool_size_per_backend
-        self.pool.cachedConnectionTimeout = pool_idle_seconds
-        self.endpoints.timeout = connect_timeout
+        self.max_idle = pool_size_per_backend
+        self.idle_seconds = pool_idle_seconds
+        self.connect_timeout = connect_timeout
 
     def connections_opened(self, backend_name: str) -> int:
         """New connections opened to a backend so far (attempts included)."""
-        return self.endpoints.opened[backend_name]
+        return self.opened[backend_name]
 
-    def forward(self, method: bytes, url: bytes, headers: Headers,
-                body: bytes) -> "defer.Deferred[IResponse]":
-        """Send a client's request as is; the response body is not read."""
-        return self.agent.request(method, url, headers, BytesProducer(body))
+    def idle_connections(self, backend_name: str) -> int:
+        return len(self.idle.get(backend_name, ()))
+
+    def forward(self, host: str, port: int, name: str, data: bytes,
+                receiver: Any) -> UpstreamRequest:
+        """Send ``data`` (a whole request) to the backend; the answer goes to
+        ``receiver``."""
+        request = UpstreamRequest(self, host, port, name, data, receiver)
+        idle = self.idle.get(name)
+        if idle:
+            limit = self.reactor.seconds() - self.idle_seconds
+            while idle:
+                conn = idle.pop()  # the most recently used: the least likely stale
+                if conn.connected and conn.idle_since >= limit:
+                    request.reused = True
+                    conn.send(request)
+                    return request
+                conn.transport.loseConnection()
+        self.connect(request)
+        return request
+
+    def connect(self, request: UpstreamRequest) -> None:
+        self.opened[request.name] += 1
+        factory = _ConnectFactory(self, request)
+        try:
+            ip_address(request.host)
+        except ValueError:
+            # A name: resolved per connection (the pool keeps them few).
+            ep = HostnameEndpoint(self.reactor, request.host.encode("idna"), request.port,
+                                  timeout=self.connect_timeout)
+            d = ep.connect(factory)
+            request.connecting = d
+
+            def failed(f: Failure) -> None:
+                if request.connecting is d:
+                    request.connecting = None
+                    request.failed(f.value)
+
+            d.addErrback(failed)
+            return
+        request.connecting = self.reactor.connectTCP(request.host, request.port, factory,
+                                                     timeout=self.connect_timeout)
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """A connection whose answer was read whole: keep it for the next
+        request, or close it if the pool is full."""
+        idle = self.idle.setdefault(conn.name, [])
+        if len(idle) >= self.max_idle or not conn.connected:
+            conn.transport.loseConnection()
+            return
+        conn.idle_since = self.reactor.seconds()
+        idle.append(conn)
+        if self.sweeper is None:
+            self.sweeper = self.reactor.callLater(self.idle_seconds, self._sweep)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed: it is no longer in the pool."""
+        idle = self.idle.get(conn.name)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def _sweep(self) -> None:
+        """Close connections left idle past ``proxy.pool_idle_seconds``."""
+        self.sweeper = None
+        limit = self.reactor.seconds() - self.idle_seconds
+        left = False
+        for idle in self.idle.values():
+            for conn in [c for c in idle if c.idle_since < limit]:
+                idle.remove(conn)
+                conn.transport.loseConnection()
+            left = left or bool(idle)
+        if left:
+            self.sweeper = self.reactor.callLater(self.idle_seconds / 2, self._sweep)
 
     def close(self) -> "defer.Deferred[None]":
-        return self.pool.closeCachedConnections()
+        if self.sweeper is not None and self.sweeper.active():
+            self.sweeper.cancel()
+        self.sweeper = None
+        for idle in self.idle.values():
+            for conn in list(idle):
+                conn.transport.loseConnection()
+        self.idle.clear()
+        return self.control_pool.closeCachedConnections()
+

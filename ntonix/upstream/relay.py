@@ -21,20 +21,14 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 from twisted.internet import error
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web import http
-from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
-from twisted.web.client import ResponseDone
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
-from twisted.web.http_headers import Headers
-from twisted.web.server import Request
 from zope.interface import implementer
 
-from ntonix.http.errors import error_json, write_error
+from ntonix.http.errors import error_json, send_error
+from ntonix.http.request import Request
 from ntonix.routing.backend import Backend
-from ntonix.upstream.headers import client_response_headers
+from ntonix.upstream.connection import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
+from ntonix.upstream.headers import RawHeaders, client_response_headers, upstream_request_head
 from ntonix.upstream.sse import first_content_end
 
 if TYPE_CHECKING:
@@ -47,8 +41,7 @@ CONNECT_FAILURES = (
     error.ConnectError,
     error.DNSLookupError,
     error.TimeoutError,  # the connect timeout (response deadlines are our own timers)
-    ResponseNeverReceived,
-    RequestTransmissionFailed,
+    UpstreamClosed,
 )
 
 # What a gated stream may hold before its first content event: past this the
@@ -61,7 +54,7 @@ def sse_error_event(message: str, code: str) -> bytes:
 
 
 @implementer(IPushProducer)
-class ResponsePipe(Protocol):
+class ResponsePipe:
     """Receives one attempt's upstream body and hands it to the exchange.
 
     It is also the producer that the client side registers: pausing it pauses
@@ -72,6 +65,7 @@ class ResponsePipe(Protocol):
     """
 
     def __init__(self, exchange: "Exchange", gated: bool) -> None:
+        self.transport: Any = None  # the upstream connection, while the body lasts
         self.exchange = exchange
         self.gated = gated
         self.held = b""
@@ -117,7 +111,7 @@ class ResponsePipe(Protocol):
             self.exchange.commit(self)
         self.exchange.deliver(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def body_ended(self, complete: bool, why: Optional[str]) -> None:
         self._disarm()
         if self.abandoned:
             return
@@ -126,7 +120,7 @@ class ResponsePipe(Protocol):
             self.gated = False
             self.exchange.commit(self)
             self.exchange.deliver(self.held)
-        self.exchange.body_done(reason, self.timed_out)
+        self.exchange.body_done(complete, why, self.timed_out)
 
     def abandon(self) -> None:
         """Drop this attempt: close its connection, relay nothing more."""
@@ -157,13 +151,6 @@ class ResponsePipe(Protocol):
             self.transport.stopProducing()
 
 
-class Discard(Protocol):
-    """Takes an upstream body nobody wants and closes its connection."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-
 class Exchange:
     """One request sent upstream, with retries, until its answer ends.
 
@@ -173,7 +160,7 @@ class Exchange:
     timeout); it calls ``cancel()`` when nobody wants the answer.
     """
 
-    def __init__(self, gateway: "Gateway", method: bytes, path: bytes, headers: Headers,
+    def __init__(self, gateway: "Gateway", method: bytes, path: bytes, headers: RawHeaders,
                  body: bytes, request_id: bytes, stream: bool, sink: Any,
                  info: Any = None) -> None:
         self.gateway = gateway
@@ -190,7 +177,7 @@ class Exchange:
         self.attempt_started = 0.0
         self.pending: Any = None
         self.pipe: Optional[ResponsePipe] = None
-        self.response: Optional[IResponse] = None
+        self.response: Optional[UpstreamResponse] = None
         self.deadline: Optional[IDelayedCall] = None
         self.last_attempt = True
         self.committed = False
@@ -239,11 +226,9 @@ class Exchange:
         wait = proxy.first_token_timeout_seconds if self.stream and not self.last_attempt \
             else proxy.response_timeout_seconds
         self.deadline = gw.reactor.callLater(wait, self._deadline_passed, wait)
-        d = gw.upstream.forward(self.method, backend.base_url + self.path, self.headers,
-                                self.body)
-        self.pending = d
-        d.addCallbacks(self._got_response, self._failed, errbackArgs=(d,), callbackArgs=(d,))
-        d.addErrback(self._bug)
+        data = upstream_request_head(self.method, self.path, backend.host_header, self.headers,
+                                     len(self.body)) + self.body
+        self.pending = gw.upstream.forward(backend.host, backend.port, backend.name, data, self)
 
     def _release(self, verdict: Optional[bool], why: Optional[str] = None) -> None:
         """Account the current attempt with its backend, once.
@@ -291,8 +276,8 @@ class Exchange:
     def _drop_attempt(self) -> None:
         """Abandon the attempt in progress, whatever stage it is at."""
         if self.pending is not None:
-            d, self.pending = self.pending, None
-            d.cancel()
+            pending, self.pending = self.pending, None
+            pending.cancel()
         if self.pipe is not None:
             pipe, self.pipe = self.pipe, None
             pipe.abandon()
@@ -326,16 +311,22 @@ class Exchange:
         self._fail(504, why, "upstream_timeout")
 
     # -- upstream events
-    def _got_response(self, response: IResponse, d: Any) -> None:
-        if d is not self.pending:
-            response.deliverBody(Discard())  # an abandoned attempt answered late
+    def got_response(self, pending: Any, response: UpstreamResponse) -> None:
+        try:
+            self._got_response(pending, response)
+        except Exception:
+            self._bug()
+
+    def _got_response(self, pending: Any, response: UpstreamResponse) -> None:
+        if pending is not self.pending:
+            response.discard()  # an abandoned attempt answered late
             return
         self.pending = None
         name = self.tried[-1].name
         if response.code >= 500 and self.retries_left > 0 \
                 and self.gateway.any_available(exclude=self.tried):
             self._cancel_deadline()
-            response.deliverBody(Discard())
+            response.discard()
             self._release(False, f"backend {name} answered HTTP {response.code}")
             self.retries_left -= 1
             log.info("request {request_id}: {backend} answered {code}; retrying elsewhere",
@@ -344,7 +335,7 @@ class Exchange:
             return
         self.response = response
         self.status = response.code
-        ctype = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        ctype = response.header(b"content-type")
         self.sse = ctype.lower().startswith(b"text/event-stream")
         gated = self.stream and self.sse and response.code == 200
         if not gated:
@@ -375,37 +366,41 @@ class Exchange:
         self.bytes_in += len(data)
         self.sink.write(data)
 
-    def response_headers(self) -> Headers:
+    def response_headers(self) -> RawHeaders:
         """The backend's head as the client may see it."""
         assert self.response is not None
         return client_response_headers(self.response.headers)
 
-    def body_done(self, reason: Failure, timed_out: bool) -> None:
+    def body_done(self, complete: bool, why: Optional[str], timed_out: bool) -> None:
         """The upstream body ended: completely, or not."""
         self.pipe = None
-        complete = bool(reason is None or reason.check(ResponseDone, http.PotentialDataLoss))
-        why = None
         if not complete:
             name = self.tried[-1].name
             idle = self.gateway.config.proxy.stream_idle_timeout_seconds
             why = (f"backend {name} sent nothing for {idle:g}s "
                    "(proxy.stream_idle_timeout_seconds)" if timed_out
-                   else f"backend {name} failed mid-response: {reason.getErrorMessage()}")
+                   else f"backend {name} failed mid-response: {why}")
             log.warn("response {request_id} cut: {why}", request_id=self.request_id, why=why)
         self._release(complete and self.status < 500, why)
         if not complete and self.info is not None:
             self.info.upstream_failed = True
         self._finish().end(complete, why)
 
-    def _failed(self, failure: Failure, d: Any) -> None:
-        if d is not self.pending:
+    def failed(self, pending: Any, reason: Exception) -> None:
+        try:
+            self._failed(pending, reason)
+        except Exception:
+            self._bug()
+
+    def _failed(self, pending: Any, reason: Exception) -> None:
+        if pending is not self.pending:
             return  # an attempt we abandoned on purpose; already accounted
         self.pending = None
         self._cancel_deadline()
         name = self.tried[-1].name
-        why = f"backend {name} unreachable: {failure.getErrorMessage()}"
+        why = f"backend {name} unreachable: {reason}"
         self._release(False, why)
-        if failure.check(*CONNECT_FAILURES):
+        if isinstance(reason, CONNECT_FAILURES):
             if self.retries_left > 0:
                 self.retries_left -= 1
                 log.info("request {request_id}: {why}; retrying", request_id=self.request_id,
@@ -413,13 +408,14 @@ class Exchange:
                 self._attempt(same_backend_ok=True)
                 return
         else:
-            log.failure("request {request_id} to {backend}", failure,
-                        request_id=self.request_id, backend=name)
-            why = f"backend {name} failed: {failure.getErrorMessage()}"
+            why = str(reason) if isinstance(reason, UpstreamProtocolError) else \
+                f"backend {name} failed: {reason}"
+            log.warn("request {request_id}: {why}", request_id=self.request_id, why=why)
         self._fail(502, why, "upstream_unreachable")
 
-    def _bug(self, failure: Failure) -> None:
-        log.failure("relaying request {request_id}", failure, request_id=self.request_id)
+    def _bug(self) -> None:
+        """Called inside ``except``: a bug of ours, logged with its traceback."""
+        log.failure("relaying request {request_id}", request_id=self.request_id)
         self._release(None)
         sink = self._finish()
         if self.committed:
@@ -443,19 +439,17 @@ def server_timing(request: Request) -> None:
 
 def answer_error(request: Request, status: int, message: str, code: str,
                  retry_after: bool = False) -> None:
-    if request.finished or request._disconnected:
+    if request.finished or request.disconnected:
         return
     server_timing(request)
-    body = write_error(request, status, message, code)
     if retry_after:
         request.setHeader(b"Retry-After", b"1")
-    request.write(body)
-    request.finish()
+    send_error(request, status, message, code)
 
 
 def end_response(request: Request, complete: bool, sse: bool, why: Optional[str]) -> None:
     """Finish a committed answer: whole, with an SSE error event, or cut."""
-    if request.finished or request._disconnected:
+    if request.finished or request.disconnected:
         return
     if request.producer is not None:
         request.unregisterProducer()
@@ -467,7 +461,7 @@ def end_response(request: Request, complete: bool, sse: bool, why: Optional[str]
     else:
         # The head is out and the body is short: only a cut connection
         # tells the client that the answer is incomplete.
-        request.channel.transport.abortConnection()
+        request.abort()
 
 
 class _NoSink:
@@ -490,23 +484,24 @@ class ClientSink:
         self.cache_status = cache_status
         self.exchange: Optional[Exchange] = None
         self.gone = False
-        request.notifyFinish().addErrback(self._lost)
+        request.when_done(self._done)
 
-    def _lost(self, reason: Failure) -> None:
+    def _done(self, reason: Any) -> None:
+        if reason is None:
+            return
         self.gone = True
         if self.exchange is not None:
             self.exchange.cancel()
 
-    def commit(self, exchange: Exchange, response: IResponse, producer: Any) -> None:
+    def commit(self, exchange: Exchange, response: UpstreamResponse, producer: Any) -> None:
         req = self.request
         req.setResponseCode(response.code, response.phrase)
-        for name, values in exchange.response_headers().getAllRawHeaders():
-            req.responseHeaders.setRawHeaders(name, values)
-        req.setHeader(b"X-Backend", exchange.backend_name.encode())
+        req.headers_out.extend(exchange.response_headers())
+        req.addHeader(b"X-Backend", exchange.backend_name.encode())
         if self.cache_status:
-            req.setHeader(b"X-Cache", self.cache_status)
-        if response.length is not UNKNOWN_LENGTH:
-            req.setHeader(b"Content-Length", b"%d" % response.length)
+            req.addHeader(b"X-Cache", self.cache_status)
+        if response.length is not None:
+            req.addHeader(b"Content-Length", b"%d" % response.length)
         server_timing(req)
         req.registerProducer(producer, True)
 
@@ -517,7 +512,7 @@ class ClientSink:
     def stalled(self) -> None:
         if not self.gone:
             # Closing the client's connection cancels the exchange.
-            self.request.channel.transport.abortConnection()
+            self.request.abort()
 
     def end(self, complete: bool, why: Optional[str]) -> None:
         exchange, self.exchange = self.exchange, None

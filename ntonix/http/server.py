@@ -1,0 +1,428 @@
+"""The client side of the data plane: HTTP/1.1 on httptools (llhttp, strict).
+
+One ``HTTPServerProtocol`` per connection feeds the bytes it receives to an
+``httptools.HttpRequestParser``; the parser's callbacks fill in the request,
+check every limit as the bytes arrive, and hand each complete request to the
+router, in order (pipelined requests wait their turn). Nothing here is
+twisted.web: the limits, deadlines and error answers are ours, and each is
+answered with OpenAI-shaped JSON the moment the offending bytes arrive.
+
+Deadlines (one timer per connection, re-armed per phase):
+- the head, from the first byte of a request (and from the connection itself,
+  so a client that connects and says nothing is dropped),
+- the body, from the end of the head (a body trickled a byte a second is cut),
+- idle keep-alive, between requests.
+While a request is being answered no deadline runs on the client: the relay
+has its own (first token, stream idle).
+"""
+
+from collections import deque
+from typing import Any, Deque, List, Optional, Tuple
+
+import attrs
+import httptools
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from ntonix.http.errors import raw_error_response
+from ntonix.http.request import Request
+from ntonix.observe.access import access_log
+from ntonix.upstream.headers import sane_request_id
+
+log = Logger(namespace="ntonix.http.server")
+
+IDLE, HEAD, BODY, HANDLING = "idle", "head", "body", "handling"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Pipelined requests parsed ahead of the one being answered; past this many
+# the connection stops reading until the queue drains.
+PIPELINE_DEPTH = 4
+# A client that will not read our error answer must not keep the socket.
+ABORT_AFTER_SECONDS = 15.0
+
+
+@attrs.frozen
+class Limits:
+    max_body_bytes: int
+    max_headers: int
+    max_header_bytes: int
+    header_timeout: float
+    body_timeout: float
+    idle_timeout: float
+
+    @classmethod
+    def from_config(cls, server_cfg: Any) -> "Limits":
+        return cls(
+            max_body_bytes=server_cfg.max_body_bytes,
+            max_headers=server_cfg.max_headers,
+            max_header_bytes=server_cfg.max_header_bytes,
+            header_timeout=server_cfg.header_timeout_seconds,
+            body_timeout=server_cfg.body_timeout_seconds,
+            idle_timeout=server_cfg.idle_timeout_seconds,
+        )
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing and answer an error."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class HTTPServerProtocol(Protocol):
+    """One client connection."""
+
+    def __init__(self, factory: "GatewayServer") -> None:
+        self.factory = factory
+        self.limits: Limits = factory.limits
+        self.clock: IReactorTime = factory.clock
+        self.router = factory.router
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = ""
+        self.secure = False
+        self.current: Optional[Request] = None
+        self.queue: Deque[Request] = deque()
+        self.phase = IDLE
+        self.timer: Optional[IDelayedCall] = None
+        self.closing = False
+        self.bytes_seen = False
+        self.read_paused = False
+        self.upgraded = False
+        self.serving = False
+        self.pending_reject: Optional[Tuple[int, str, str]] = None
+        self.in_message = False
+        # Head bytes received and not yet parsed into a complete head.
+        self.unparsed_head = 0
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self.url = b""
+        self.headers: List[Tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.body: List[bytes] = []
+        self.body_bytes = 0
+        self.content_length: Optional[int] = None
+        self.hosts = 0
+        self.expect_continue = False
+        self.request_id = b""
+
+    # -- connection
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_ip = getattr(peer, "host", None) or str(peer)
+        self.secure = ISSLTransport.providedBy(self.transport)
+        self.factory.channels.add(self)
+        self.factory.connections_total += 1
+        # From the connection on, not the first byte: a client that connects
+        # and sends nothing (or stalls in the TLS handshake, which happens
+        # below this protocol) is dropped at the head deadline too.
+        self._enter(HEAD, self.limits.header_timeout)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._enter(IDLE, None)
+        self.factory.channels.discard(self)
+        self.closing = True
+        self.queue.clear()
+        current, self.current = self.current, None
+        if current is not None:
+            current.connection_lost(reason)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request (from its first byte on) is being received or
+        answered on this connection; a silent or idle one is not."""
+        return self.current is not None or bool(self.queue) or self.in_message
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing or self.upgraded:
+            return
+        self.bytes_seen = True
+        if self.phase == IDLE and self.current is None:
+            self._enter(HEAD, self.limits.header_timeout)
+        if self.phase != BODY:
+            self.unparsed_head += len(data)
+        try:
+            self.parser.feed_data(data)
+        except _Reject as e:  # raised outside a callback (not by httptools)
+            self.reject(e.status, e.message, e.code)
+            return
+        except httptools.HttpParserUpgrade:
+            # The request asking for it was complete (and had no body, else
+            # it was refused): it is answered, then the connection closes.
+            self.upgraded = True
+            return
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _Reject):
+                self.reject(cause.status, cause.message, cause.code)
+            else:
+                log.failure("parsing a request from {client}", client=self.client_ip)
+                self.reject(500, "internal gateway error", "internal_error")
+            return
+        except httptools.HttpParserError as e:
+            self.reject(400, f"malformed HTTP request: {_reason(e)}", "bad_request")
+            return
+        if self.in_message and self.phase == HEAD and \
+                self.unparsed_head > self.limits.max_header_bytes:
+            # A head still incomplete past the limit: no need to wait for it.
+            self.reject(431, f"request head larger than {self.limits.max_header_bytes} bytes "
+                        "(server.max_header_bytes)", "headers_too_large")
+
+    # -- parser callbacks
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self._reset_message()
+        if self.current is None and self.phase != HEAD:
+            self._enter(HEAD, self.limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.headers
+        if len(headers) >= self.limits.max_headers:
+            raise _Reject(431, f"more than {self.limits.max_headers} request headers "
+                          "(server.max_headers)", "headers_too_large")
+        self.head_bytes += len(name) + len(value) + 4
+        headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length":
+            self.content_length = int(value)
+        elif lower == b"host":
+            self.hosts += 1
+        elif lower == b"expect":
+            self.expect_continue = value.strip().lower() == b"100-continue"
+        elif lower == b"x-request-id":
+            self.request_id = value
+
+    def on_headers_complete(self) -> None:
+        limits = self.limits
+        self.unparsed_head = 0
+        if self.head_bytes > limits.max_header_bytes:
+            raise _Reject(431, f"request head larger than {limits.max_header_bytes} bytes "
+                          "(server.max_header_bytes)", "headers_too_large")
+        version = self.parser.get_http_version()
+        if version == "1.1" and self.hosts != 1:
+            # RFC 9112 section 3.2: exactly one Host in an HTTP/1.1 request.
+            raise _Reject(400, "an HTTP/1.1 request needs exactly one Host header"
+                          if self.hosts else "an HTTP/1.1 request needs a Host header",
+                          "bad_request")
+        length = self.content_length
+        if length is not None and length > limits.max_body_bytes:
+            raise _Reject(413, f"request body of {length} bytes exceeds the limit of "
+                          f"{limits.max_body_bytes} bytes (server.max_body_bytes)",
+                          "request_too_large")
+        chunked = length is None and any(
+            n.lower() == b"transfer-encoding" for n, _ in self.headers)
+        if length or chunked:
+            if self.expect_continue and version == "1.1" and self.current is None:
+                self.transport.write(CONTINUE)
+            if self.current is None:
+                self._enter(BODY, limits.body_timeout)
+            else:
+                self.phase = BODY
+
+    def on_body(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        if self.body_bytes > self.limits.max_body_bytes:
+            # Chunked bodies have no length up front: counted as they come.
+            raise _Reject(413, f"request body of {self.body_bytes} bytes or more exceeds the "
+                          f"limit of {self.limits.max_body_bytes} bytes "
+                          "(server.max_body_bytes)", "request_too_large")
+        self.body.append(data)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        keep_alive = parser.should_keep_alive()
+        if parser.should_upgrade():
+            if self.body_bytes or self.content_length or self.content_length is None and any(
+                    n.lower() == b"transfer-encoding" for n, _ in self.headers):
+                raise _Reject(400, "protocol upgrade is not supported; send the request "
+                              "without Upgrade", "upgrade_not_supported")
+            keep_alive = False
+        url = self.url
+        if url[:1] == b"/":
+            path = url.split(b"?", 1)[0]
+        else:
+            url, path = _origin_form(url)
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        request = Request(self, parser.get_method(), url, path,
+                          b"HTTP/" + parser.get_http_version().encode(), self.headers, body,
+                          keep_alive)
+        self.in_message = False
+        self._reset_message()
+        if self.current is None:
+            self._enter(HANDLING, None)
+        self.queue.append(request)
+        if len(self.queue) > PIPELINE_DEPTH and not self.read_paused:
+            self.read_paused = True
+            self.transport.pauseProducing()
+        self._serve_next()
+
+    # -- answering, one request at a time and in order
+    def _serve_next(self) -> None:
+        if self.serving:
+            return  # the loop below, further up the stack, takes it
+        self.serving = True
+        try:
+            while self.current is None and self.queue and not self.closing:
+                request = self.queue.popleft()
+                self.current = request
+                self._enter(HANDLING, None)
+                try:
+                    self.router.handle(request)
+                except Exception:
+                    self._handler_failed(request)
+        finally:
+            self.serving = False
+        if self.read_paused and len(self.queue) <= PIPELINE_DEPTH // 2 and not self.closing:
+            self.read_paused = False
+            self.transport.resumeProducing()
+
+    def _handler_failed(self, request: Request) -> None:
+        # A bug of ours must not show the client a traceback.
+        log.failure("while handling {method} {uri}", method=request.method,
+                    uri=request.uri.decode("latin-1"))
+        if request.finished or request.disconnected:
+            return
+        if request.started:
+            request.abort()
+            return
+        from ntonix.http.errors import send_error
+
+        send_error(request, 500, "internal gateway error", "internal_error")
+
+    def request_done(self, request: Request) -> None:
+        """Called by a request once its answer is written whole."""
+        if request is not self.current:
+            return
+        self.current = None
+        if self.pending_reject is not None:
+            status, message, code = self.pending_reject
+            self.pending_reject = None
+            self.closing = False
+            self.reject(status, message, code)
+            return
+        if not request.keep_alive or self.closing or self.upgraded:
+            self._close()
+            return
+        if self.queue:
+            self._serve_next()
+        if self.current is None:
+            if self.in_message:
+                self._enter(BODY if self.phase == BODY else HEAD,
+                            self.limits.body_timeout if self.phase == BODY
+                            else self.limits.header_timeout)
+            else:
+                self._enter(IDLE, self.limits.idle_timeout)
+
+    def _close(self) -> None:
+        self.closing = True
+        self._enter(IDLE, None)
+        self.transport.loseConnection()
+        self.timer = self.clock.callLater(ABORT_AFTER_SECONDS, self._abort)
+
+    def _abort(self) -> None:
+        self.timer = None
+        self.transport.abortConnection()
+
+    # -- deadlines
+    def _enter(self, phase: str, timeout: Optional[float]) -> None:
+        timer = self.timer
+        if timer is not None:
+            if timeout is not None and timer.active():
+                self.phase = phase
+                timer.reset(timeout)
+                return
+            if timer.active():
+                timer.cancel()
+            self.timer = None
+        self.phase = phase
+        if timeout is not None:
+            self.timer = self.clock.callLater(timeout, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self.timer = None
+        phase = self.phase
+        if phase == IDLE:
+            log.debug("closing idle keep-alive connection from {client}", client=self.client_ip)
+            self._close()
+            return
+        if not self.bytes_seen:
+            # Nothing was ever said (or the TLS handshake never finished):
+            # there is no one to answer, just let go of the socket.
+            log.debug("dropping silent connection from {client}", client=self.client_ip)
+            self.closing = True
+            self.transport.abortConnection()
+            return
+        log.info("closing {client}: request {phase} not received within its deadline",
+                 client=self.client_ip, phase=phase)
+        setting = "server.header_timeout_seconds" if phase == HEAD else \
+            "server.body_timeout_seconds"
+        self.reject(408, f"request {phase} not received in time ({setting})", "request_timeout")
+
+    # -- errors found while receiving
+    def reject(self, status: int, message: str, code: str) -> None:
+        """Answer ``status`` as a whole raw response and close the connection.
+
+        If an answer is still being written for an earlier request, this one
+        waits for it (answers never interleave) and nothing more is read.
+        """
+        if self.closing:
+            return
+        if self.current is not None:
+            self.closing = True
+            self.pending_reject = (status, message, code)
+            self.queue.clear()
+            return
+        self.closing = True
+        self.queue.clear()
+        self._enter(IDLE, None)
+        request_id = sane_request_id(self.request_id)
+        self.transport.write(raw_error_response(status, message, code, request_id))
+        access_log.info("{client} - - {status} rejected: {reason} request_id={request_id}",
+                        client=self.client_ip, status=status, reason=code,
+                        request_id=request_id.decode("ascii", "replace"), outcome="rejected")
+        self._close()
+
+    def log_failure(self, fmt: str, **kw: Any) -> None:
+        log.failure(fmt, **kw)
+
+
+def _reason(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    return text.replace("\r", " ").replace("\n", " ")[:200]
+
+
+def _origin_form(url: bytes) -> Tuple[bytes, bytes]:
+    """(uri, path) for an absolute-form target (``http://host/v1/...``); the
+    target's authority stands in for Host, as RFC 9112 section 3.2.2 says."""
+    lower = url[:8].lower()
+    if not (lower.startswith(b"http://") or lower.startswith(b"https://")):
+        raise _Reject(400, "request target must be a path or an absolute http(s) URL",
+                      "bad_request")
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        raise _Reject(400, "request target is not a valid URL", "bad_request") from None
+    path = parsed.path or b"/"
+    return (path + b"?" + parsed.query if parsed.query else path), path
+
+
+class GatewayServer(Factory):
+    """Builds one protocol per client connection; tracks them for shutdown
+    and metrics."""
+
+    noisy = False
+
+    def __init__(self, router: Any, limits: Limits, clock: IReactorTime) -> None:
+        self.router = router
+        self.limits = limits
+        self.clock = clock
+        self.channels: "set[HTTPServerProtocol]" = set()
+        self.connections_total = 0
+
+    def buildProtocol(self, addr: Any) -> HTTPServerProtocol:
+        return HTTPServerProtocol(self)

@@ -1,0 +1,256 @@
+"""One keep-alive HTTP/1.1 connection to a backend, parsed with httptools.
+
+A connection carries one request at a time. The response head is handed to
+the request's receiver as an ``UpstreamResponse``; its body goes to whatever
+protocol the receiver attaches with ``deliverBody`` (the relay's pipe), whose
+``transport`` is this connection: pausing it pauses the backend socket,
+stopping it closes the socket, so backpressure and cancellation stay at the
+transport level. A response read whole on a connection the backend keeps
+alive goes back to the pool; anything else closes it.
+
+The response head is bounded (size and header count): past the limits the
+client gets a 502 and the connection is closed, never an unbounded buffer.
+"""
+
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+
+import httptools
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from ntonix.upstream.client import UpstreamClient, UpstreamRequest
+
+# Like nginx's proxy buffers for a head (4 x 8 KB), and a generous count.
+MAX_HEAD_BYTES = 32 * 1024
+MAX_HEAD_HEADERS = 100
+
+
+class UpstreamClosed(Exception):
+    """The backend closed the connection before the response head: it
+    cannot have produced an answer, so the request may be tried again."""
+
+
+class UpstreamProtocolError(Exception):
+    """The backend sent bytes that are not a usable HTTP/1.1 response."""
+
+
+class _Limit(Exception):
+    pass
+
+
+class UpstreamResponse:
+    """A response head, and the body as it arrives."""
+
+    __slots__ = ("code", "phrase", "headers", "length", "connection", "protocol", "_held",
+                 "_end")
+
+    def __init__(self, connection: "UpstreamConnection", code: int, phrase: bytes,
+                 headers: List[Tuple[bytes, bytes]], length: Optional[int]) -> None:
+        self.connection = connection
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length = length  # None: chunked or until the connection closes
+        self.protocol: Any = None
+        self._held: List[bytes] = []
+        self._end: Optional[Tuple[bool, Optional[str]]] = None
+
+    def header(self, name: bytes) -> bytes:
+        for n, v in self.headers:
+            if n.lower() == name:
+                return v
+        return b""
+
+    def deliverBody(self, protocol: Any) -> None:
+        """Send the body to ``protocol`` (``dataReceived``, then
+        ``body_ended(complete, why)``); its ``transport`` is the connection."""
+        self.protocol = protocol
+        protocol.transport = self.connection
+        protocol.connectionMade()
+        held, self._held = self._held, []
+        for data in held:
+            protocol.dataReceived(data)
+        if self._end is not None:
+            self.protocol = None
+            protocol.transport = None
+            protocol.body_ended(*self._end)
+
+    def discard(self) -> None:
+        """Nobody wants this body: close the connection rather than read it."""
+        self.protocol = None
+        self.connection.stopProducing()
+
+    def _data(self, data: bytes) -> None:
+        if self.protocol is not None:
+            self.protocol.dataReceived(data)
+        elif self._end is None:
+            self._held.append(data)
+
+    def _ended(self, complete: bool, why: Optional[str]) -> None:
+        if self._end is not None:
+            return
+        self._end = (complete, why)
+        if self.protocol is not None:
+            protocol, self.protocol = self.protocol, None
+            # A finished body's connection may already serve another request.
+            protocol.transport = None
+            protocol.body_ended(complete, why)
+
+
+class UpstreamConnection(Protocol):
+    """A pooled connection to one backend."""
+
+    def __init__(self, client: "UpstreamClient", name: str,
+                 on_connected: Optional[Callable[["UpstreamConnection"], None]] = None) -> None:
+        self.client = client
+        self.name = name
+        self.on_connected = on_connected
+        self.parser = httptools.HttpResponseParser(self)
+        self.request: Optional["UpstreamRequest"] = None
+        self.response: Optional[UpstreamResponse] = None
+        self.connected = False
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.phrase = b""
+        self.headers: List[Tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.length: Optional[int] = None
+        self.chunked = False
+        self.interim = False
+        self.got_bytes = False
+
+    # -- sending
+    def send(self, request: "UpstreamRequest") -> None:
+        self.request = request
+        request.connection = self
+        self.got_bytes = False
+        self.transport.write(request.data)
+
+    # -- the consumer's producer (the relay pipe drives these)
+    def pauseProducing(self) -> None:
+        if self.connected:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.connected:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """Abandon whatever is in progress: the socket closes at once, so
+        the backend stops generating for nobody."""
+        self.request = None
+        if self.connected:
+            self.transport.abortConnection()
+
+    # -- connection events
+    def connectionMade(self) -> None:
+        self.connected = True
+        if self.on_connected is not None:
+            on_connected, self.on_connected = self.on_connected, None
+            on_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.request is None:
+            # Nothing was asked: an idle connection the backend writes on
+            # is not one to reuse.
+            self.transport.abortConnection()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _Limit):
+                self._protocol_error(str(e.__context__))
+            else:
+                raise
+        except httptools.HttpParserError as e:
+            self._protocol_error(f"not a valid HTTP/1.1 response ({str(e)[:120]})")
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.connected = False
+        self.client.forget(self)
+        request, self.request = self.request, None
+        response, self.response = self.response, None
+        if response is not None:
+            if self.length is None and not self.chunked and not self.interim:
+                # No length and no chunks: the close is the end of the body.
+                response._ended(True, None)
+            else:
+                response._ended(False, f"connection closed mid-response "
+                                       f"({reason.getErrorMessage() if reason else 'closed'})")
+        elif request is not None:
+            request.lost(UpstreamClosed(
+                "connection closed before the response head"
+                + (f" ({reason.getErrorMessage()})" if reason is not None else "")),
+                self.got_bytes)
+
+    def _protocol_error(self, why: str) -> None:
+        request, self.request = self.request, None
+        response, self.response = self.response, None
+        self.transport.abortConnection()
+        if response is not None:
+            response._ended(False, f"backend {self.name} sent an invalid response: {why}")
+        elif request is not None:
+            request.failed(UpstreamProtocolError(f"backend {self.name} sent {why}"))
+
+    # -- parser callbacks
+    def on_message_begin(self) -> None:
+        self._reset()
+        self.got_bytes = True
+
+    def on_status(self, status: bytes) -> None:
+        self.phrase += status
+        self.head_bytes += len(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise _Limit(f"a response head larger than {MAX_HEAD_BYTES} bytes")
+        if len(self.headers) >= MAX_HEAD_HEADERS:
+            raise _Limit(f"more than {MAX_HEAD_HEADERS} response headers")
+        self.headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length":
+            self.length = int(value)
+        elif lower == b"transfer-encoding":
+            self.chunked = True
+
+    def on_headers_complete(self) -> None:
+        code = self.parser.get_status_code()
+        if 100 <= code < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the real
+            # one follows on the same connection.
+            self.interim = True
+            return
+        request = self.request
+        if request is None:
+            return
+        response = UpstreamResponse(self, code, self.phrase, self.headers,
+                                    None if self.chunked else self.length)
+        self.response = response
+        request.got_response(response)
+
+    def on_body(self, data: bytes) -> None:
+        response = self.response
+        if response is not None:
+            response._data(data)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        # Read here: llhttp resets its flags once the message is complete.
+        keep_alive = self.parser.should_keep_alive()
+        response, self.response = self.response, None
+        self.request = None
+        if keep_alive and self.connected:
+            # Resumed before it is pooled, or the next request never reads.
+            self.transport.resumeProducing()
+            self.client.release(self)
+        elif self.connected:
+            self.transport.loseConnection()
+        if response is not None:
+            response._ended(True, None)
