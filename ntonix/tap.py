@@ -17,6 +17,7 @@ from ntonix.cache.manager import CacheSweeper
 from ntonix.console import make_console_factory
 from ntonix.gateway import Gateway
 from ntonix.http.server import GatewayServer, Limits
+from ntonix.sockets import listen_direct
 from ntonix.http.routes import Router
 from ntonix.observe.logs import make_observer
 from ntonix.routing.health import HealthChecker
@@ -213,7 +214,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
                         "admin console (ssh)").setServiceParent(top)
     DrainService(reactor, gateway, [site]).setServiceParent(top)
     ListenerService(reactor, config.server.port, config.server.bind_address, site,
-                    "http", gateway=gateway).setServiceParent(top)
+                    "http", listen=listen_direct(reactor), gateway=gateway).setServiceParent(top)
     if tls is not None:
         # The same site behind TLS: identical routes, limits and streaming.
         ListenerService(reactor, config.server.ssl_port, config.server.bind_address,

@@ -7,7 +7,9 @@ router, in order (pipelined requests wait their turn). Nothing here is
 twisted.web: the limits, deadlines and error answers are ours, and each is
 answered with OpenAI-shaped JSON the moment the offending bytes arrive.
 
-Deadlines (one timer per connection, re-armed per phase):
+Deadlines (a time per connection, set per phase, checked by one sweep over
+every connection a few times a second: no timer is created, moved or
+cancelled per request):
 - the head, from the first byte of a request (and from the connection itself,
   so a client that connects and says nothing is dropped),
 - the body, from the end of the head (a body trickled a byte a second is cut),
@@ -84,7 +86,8 @@ class HTTPServerProtocol(Protocol):
         self.current: Optional[Request] = None
         self.queue: Deque[Request] = deque()
         self.phase = IDLE
-        self.timer: Optional[IDelayedCall] = None
+        self.deadline_at: Optional[float] = None
+        self.abort_timer: Optional[IDelayedCall] = None
         self.closing = False
         self.bytes_seen = False
         self.read_paused = False
@@ -112,8 +115,7 @@ class HTTPServerProtocol(Protocol):
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", None) or str(peer)
         self.secure = ISSLTransport.providedBy(self.transport)
-        self.factory.channels.add(self)
-        self.factory.connections_total += 1
+        self.factory.connection_made(self)
         # From the connection on, not the first byte: a client that connects
         # and sends nothing (or stalls in the TLS handshake, which happens
         # below this protocol) is dropped at the head deadline too.
@@ -121,6 +123,9 @@ class HTTPServerProtocol(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._enter(IDLE, None)
+        if self.abort_timer is not None and self.abort_timer.active():
+            self.abort_timer.cancel()
+        self.abort_timer = None
         self.factory.channels.discard(self)
         self.closing = True
         self.queue.clear()
@@ -322,29 +327,21 @@ class HTTPServerProtocol(Protocol):
         self.closing = True
         self._enter(IDLE, None)
         self.transport.loseConnection()
-        self.timer = self.clock.callLater(ABORT_AFTER_SECONDS, self._abort)
+        if self.abort_timer is None:
+            self.abort_timer = self.clock.callLater(ABORT_AFTER_SECONDS, self._abort)
 
     def _abort(self) -> None:
-        self.timer = None
+        self.abort_timer = None
         self.transport.abortConnection()
 
     # -- deadlines
     def _enter(self, phase: str, timeout: Optional[float]) -> None:
-        timer = self.timer
-        if timer is not None:
-            if timeout is not None and timer.active():
-                self.phase = phase
-                timer.reset(timeout)
-                return
-            if timer.active():
-                timer.cancel()
-            self.timer = None
         self.phase = phase
-        if timeout is not None:
-            self.timer = self.clock.callLater(timeout, self._deadline_passed)
+        self.deadline_at = None if timeout is None else self.clock.seconds() + timeout
 
-    def _deadline_passed(self) -> None:
-        self.timer = None
+    def deadline_passed(self) -> None:
+        """Called by the factory's sweep once ``deadline_at`` has passed."""
+        self.deadline_at = None
         phase = self.phase
         if phase == IDLE:
             log.debug("closing idle keep-alive connection from {client}", client=self.client_ip)
@@ -413,7 +410,7 @@ def _origin_form(url: bytes) -> Tuple[bytes, bytes]:
 
 class GatewayServer(Factory):
     """Builds one protocol per client connection; tracks them for shutdown
-    and metrics."""
+    and metrics, and checks their deadlines."""
 
     noisy = False
 
@@ -423,6 +420,33 @@ class GatewayServer(Factory):
         self.clock = clock
         self.channels: "set[HTTPServerProtocol]" = set()
         self.connections_total = 0
+        # How late a deadline may be noticed: a small share of the shortest.
+        self.sweep_seconds = min(0.25, limits.header_timeout / 8, limits.body_timeout / 8)
+        self.sweeper: Optional[IDelayedCall] = None
 
     def buildProtocol(self, addr: Any) -> HTTPServerProtocol:
         return HTTPServerProtocol(self)
+
+    def connection_made(self, channel: HTTPServerProtocol) -> None:
+        self.channels.add(channel)
+        self.connections_total += 1
+        if self.sweeper is None:
+            self.sweeper = self.clock.callLater(self.sweep_seconds, self._sweep)
+
+    def _sweep(self) -> None:
+        self.sweeper = None
+        now = self.clock.seconds()
+        for channel in [c for c in self.channels
+                        if c.deadline_at is not None and c.deadline_at <= now]:
+            try:
+                channel.deadline_passed()
+            except Exception:
+                log.failure("at a connection's deadline")
+        if self.channels:
+            self.sweeper = self.clock.callLater(self.sweep_seconds, self._sweep)
+
+    def stop(self) -> None:
+        """No more sweeps (the listeners are closed)."""
+        if self.sweeper is not None and self.sweeper.active():
+            self.sweeper.cancel()
+        self.sweeper = None

@@ -117,6 +117,7 @@ class Metrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.active = 0
         self.sites: list = []
+        self._children: Dict[tuple, tuple] = {}
         r.register(GatewayCollector(gateway, self))
 
     def connections_active(self) -> int:
@@ -127,9 +128,17 @@ class Metrics:
         return sum(s.connections_total for s in self.sites)
 
     def finished(self, info: RequestInfo, status: int) -> None:
-        self.requests.labels(info.route, str(status), info.cache or "none").inc()
+        # labels() hashes and validates its arguments on every call: keep
+        # each child once (the label sets are bounded: known routes only).
+        key = (info.route, status, info.cache)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(info.route, str(status), info.cache or "none"),
+                self.latency.labels(info.route))
+        children[0].inc()
         end = info.finished_at or info.received_at
-        self.latency.labels(info.route).observe(max(0.0, end - info.received_at))
+        children[1].observe(max(0.0, end - info.received_at))
         if info.sse and status == 200 and info.first_byte_at is not None:
             self.ttft.labels(info.route).observe(info.first_byte_at - info.received_at)
             self.stream_duration.labels(info.route).observe(max(0.0, end - info.first_byte_at))

@@ -26,16 +26,15 @@ class Backend:
     latency_total: float = 0.0
     latency_count: int = 0
     last_error: Optional[str] = None
+    # Derived from host and port (which never change: they are the
+    # backend's identity), computed once rather than per request.
+    name: str = attrs.field(init=False)
+    host_header: bytes = attrs.field(init=False)
 
-    @property
-    def name(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def host_header(self) -> bytes:
-        """The Host header of requests sent to this backend."""
+    def __attrs_post_init__(self) -> None:
+        self.name = f"{self.host}:{self.port}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}".encode("idna")
+        self.host_header = f"{host}:{self.port}".encode("idna")
 
     @property
     def base_url(self) -> bytes:

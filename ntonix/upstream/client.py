@@ -2,8 +2,12 @@
 plane, treq on the control plane.
 
 Forwarded requests go over ``UpstreamConnection``s (httptools), kept per
-backend: up to ``proxy.pool_size_per_backend`` idle ones, each closed after
-``proxy.pool_idle_seconds`` unused; new ones are opened with
+backend. Under load the pool keeps every connection a finished answer frees
+(the next request takes it at once, most recently used first); once traffic
+calms, connections idle for a second beyond ``proxy.pool_size_per_backend``
+are closed, and any idle for ``proxy.pool_idle_seconds``. Closing a freed
+connection while requests are still arriving would only open another one for
+the next request: a connect and a close per request. New ones are opened with
 ``proxy.connect_timeout_seconds`` and counted per backend (the pool churn an
 operator sizes the pool by). A request that fails on a reused connection
 before any byte of answer (the backend closed it while it sat idle) is sent
@@ -28,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from ntonix.sockets import connect_direct
 from ntonix.upstream.connection import UpstreamConnection
 
 log = Logger(namespace="ntonix.upstream.client")
@@ -143,6 +148,9 @@ class UpstreamClient:
         self.idle_seconds = pool_idle_seconds
         self.connect_timeout = connect_timeout
         self.sweeper: Optional[IDelayedCall] = None
+        # Connections past the idle cap go when idle this long: long enough
+        # to be reused under load, short enough to free the backend's sockets.
+        self.surplus_seconds = 1.0
         # For the gateway's own requests, whose answers it reads whole.
         self.control_pool = HTTPConnectionPool(reactor, persistent=True)
         self.control_pool.maxPersistentPerHost = 2
@@ -199,20 +207,21 @@ class UpstreamClient:
 
             d.addErrback(failed)
             return
-        request.connecting = self.reactor.connectTCP(request.host, request.port, factory,
-                                                     timeout=self.connect_timeout)
+        request.connecting = connect_direct(self.reactor, request.host, request.port, factory,
+                                            self.connect_timeout)
 
     def release(self, conn: UpstreamConnection) -> None:
         """A connection whose answer was read whole: keep it for the next
-        request, or close it if the pool is full."""
-        idle = self.idle.setdefault(conn.name, [])
-        if len(idle) >= self.max_idle or not conn.connected:
-            conn.transport.loseConnection()
+        request (the sweeper trims the surplus once traffic calms)."""
+        if not conn.connected:
             return
+        idle = self.idle.get(conn.name)
+        if idle is None:
+            idle = self.idle[conn.name] = []
         conn.idle_since = self.reactor.seconds()
         idle.append(conn)
         if self.sweeper is None:
-            self.sweeper = self.reactor.callLater(self.idle_seconds, self._sweep)
+            self.sweeper = self.reactor.callLater(self.surplus_seconds, self._sweep)
 
     def forget(self, conn: UpstreamConnection) -> None:
         """A connection closed: it is no longer in the pool."""
@@ -221,17 +230,27 @@ class UpstreamClient:
             idle.remove(conn)
 
     def _sweep(self) -> None:
-        """Close connections left idle past ``proxy.pool_idle_seconds``."""
+        """Close the surplus past the idle cap once it has sat idle for a
+        second, and anything idle past ``proxy.pool_idle_seconds``."""
         self.sweeper = None
-        limit = self.reactor.seconds() - self.idle_seconds
+        now = self.reactor.seconds()
+        expired, surplus = now - self.idle_seconds, now - self.surplus_seconds
         left = False
         for idle in self.idle.values():
-            for conn in [c for c in idle if c.idle_since < limit]:
-                idle.remove(conn)
-                conn.transport.loseConnection()
-            left = left or bool(idle)
+            # Oldest first: the list's head is the least recently used.
+            extra = len(idle) - self.max_idle
+            keep = []
+            for conn in idle:
+                if conn.idle_since < expired or (extra > 0 and conn.idle_since < surplus):
+                    extra -= 1
+                    conn.transport.loseConnection()
+                else:
+                    keep.append(conn)
+            idle[:] = keep
+            left = left or bool(keep)
         if left:
-            self.sweeper = self.reactor.callLater(self.idle_seconds / 2, self._sweep)
+            self.sweeper = self.reactor.callLater(
+                min(self.surplus_seconds, self.idle_seconds / 2), self._sweep)
 
     def close(self) -> "defer.Deferred[None]":
         if self.sweeper is not None and self.sweeper.active():

@@ -55,7 +55,7 @@ def test_request_served_normally():
     assert out.endswith(b"\r\n\r\ngot:hi")
     assert not t.disconnecting
     # Only the idle keep-alive deadline is left.
-    assert [c.getTime() for c in clock.getDelayedCalls()] == [75.0]
+    assert channel.phase == "idle" and channel.deadline_at == 75.0
 
 
 def test_slowloris_head_cut_at_total_deadline_despite_trickle():

@@ -1,0 +1,102 @@
+"""TCP transports that write to the socket at once while nothing is queued.
+
+Twisted's TCP transport queues every ``write`` and sends it on the reactor's
+next turn: one ``epoll_ctl`` to watch for writability, the poll, the send,
+another ``epoll_ctl`` to stop watching. For a gateway that writes one small
+answer per request and one small chunk per token, that is most of the cost of
+a write. These subclasses try ``send`` first when nothing is waiting in
+Twisted's buffer (the common case: the socket takes it all) and hand anything
+left over to Twisted's own machinery, which then owns ordering, flow control
+and producer pausing exactly as before. They are built by ``DirectWritePort``
+and ``DirectWriteConnector``, the same classes ``listenTCP``/``connectTCP``
+use, with only the transport class changed.
+
+Plain TCP only: under TLS, the TLS layer writes ciphertext through the same
+transport, so its order is kept too, but the listener for HTTPS keeps
+Twisted's default transport; its cost is dominated by encryption.
+"""
+
+from typing import Any, Callable, Iterable, Optional
+
+from twisted.internet import tcp
+from twisted.internet.posixbase import PosixReactorBase
+
+
+class _DirectWrite:
+    """Mixed into a ``tcp.Connection`` subclass."""
+
+    # True while Twisted's buffer may hold bytes: from the first write we
+    # hand it until it reports the buffer drained (``stopWriting``).
+    _queued = False
+
+    def write(self, data: bytes) -> None:
+        if self._queued or not self.connected or self.disconnecting or not data:
+            if data:
+                self._queued = True
+            tcp.Connection.write(self, data)
+            return
+        try:
+            sent = self.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            # Let Twisted's write path meet the error and report it the
+            # usual way (connectionLost).
+            sent = 0
+        if sent < len(data):
+            self._queued = True
+            tcp.Connection.write(self, data[sent:] if sent else data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        self.write(b"".join(iovec))
+
+    def stopWriting(self) -> None:
+        # Twisted calls this when its buffer is drained (or the connection
+        # is gone): sending at once is safe again.
+        self._queued = False
+        tcp.Connection.stopWriting(self)
+
+
+class DirectWriteServer(_DirectWrite, tcp.Server):
+    pass
+
+
+class DirectWriteClient(_DirectWrite, tcp.Client):
+    pass
+
+
+class DirectWritePort(tcp.Port):
+    transport = DirectWriteServer
+
+
+class DirectWriteConnector(tcp.Connector):
+    def _makeTransport(self) -> DirectWriteClient:
+        return DirectWriteClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def supported(reactor: Any) -> bool:
+    """Whether ``reactor`` runs Twisted's POSIX TCP transports."""
+    return isinstance(reactor, PosixReactorBase)
+
+
+def listen_direct(reactor: Any) -> Callable[..., Any]:
+    """A ``listenTCP`` replacement whose connections write at once."""
+    if not supported(reactor):
+        return reactor.listenTCP
+
+    def listen(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        p = DirectWritePort(port, factory, backlog, interface, reactor)
+        p.startListening()
+        return p
+
+    return listen
+
+
+def connect_direct(reactor: Any, host: str, port: int, factory: Any, timeout: float,
+                   bind_address: Optional[Any] = None) -> Any:
+    """``connectTCP`` whose connection writes at once."""
+    if not supported(reactor):
+        return reactor.connectTCP(host, port, factory, timeout=timeout)
+    c = DirectWriteConnector(host, port, factory, timeout, bind_address, reactor)
+    c.connect()
+    return c
