@@ -74,6 +74,12 @@ class ServerConfig:
                                             restart=True, help="deadline to receive a whole request head")
     body_timeout_seconds: float = setting(60.0, min=0.001,
                                           restart=True, help="deadline to receive a whole request body")
+    max_upstream_head_bytes: int = setting(
+        32 * 1024, min=1024, restart=True,
+        help="largest backend response head (status line plus headers) relayed (else 502)")
+    max_upstream_headers: int = setting(
+        100, min=1, max=10000, restart=True,
+        help="most backend response header lines relayed (else 502)")
     idle_timeout_seconds: float = setting(75.0, min=0.001,
                                           restart=True, help="keep-alive connection idle time before close")
     shutdown_timeout_seconds: float = setting(30.0, cli="--shutdown-timeout", min=0,

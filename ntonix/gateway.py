@@ -36,6 +36,8 @@ class Gateway:
             pool_size_per_backend=config.proxy.pool_size_per_backend,
             pool_idle_seconds=config.proxy.pool_idle_seconds,
             connect_timeout=config.proxy.connect_timeout_seconds,
+            max_head_bytes=config.server.max_upstream_head_bytes,
+            max_headers=config.server.max_upstream_headers,
         )
         self.cache = ResponseCache(config.cache, reactor)
         self.metrics = Metrics(self)

@@ -140,8 +140,12 @@ class UpstreamClient:
     """Sends requests to backends over pooled keep-alive connections."""
 
     def __init__(self, reactor: Any, pool_size_per_backend: int, pool_idle_seconds: float,
-                 connect_timeout: float) -> None:
+                 connect_timeout: float, max_head_bytes: int = 32 * 1024,
+                 max_headers: int = 100) -> None:
         self.reactor = reactor
+        # Bounds on a backend's response head (server.max_upstream_*).
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
         self.idle: Dict[str, List[UpstreamConnection]] = {}
         self.opened: Counter = Counter()
         self.max_idle = pool_size_per_backend

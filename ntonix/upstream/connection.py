@@ -21,10 +21,6 @@ from twisted.python.failure import Failure
 if TYPE_CHECKING:
     from ntonix.upstream.client import UpstreamClient, UpstreamRequest
 
-# Like nginx's proxy buffers for a head (4 x 8 KB), and a generous count.
-MAX_HEAD_BYTES = 32 * 1024
-MAX_HEAD_HEADERS = 100
-
 
 class UpstreamClosed(Exception):
     """The backend closed the connection before the response head: it
@@ -121,12 +117,14 @@ class UpstreamConnection(Protocol):
         self.chunked = False
         self.interim = False
         self.got_bytes = False
+        self.unparsed = 0
 
     # -- sending
     def send(self, request: "UpstreamRequest") -> None:
         self.request = request
         request.connection = self
         self.got_bytes = False
+        self.unparsed = 0
         self.transport.write(request.data)
 
     # -- the consumer's producer (the relay pipe drives these)
@@ -159,6 +157,15 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self.got_bytes = True
+        if self.response is None:
+            # Still in the head: llhttp holds a header line it has not
+            # finished, so bound what it may hold before the line ends.
+            self.unparsed += len(data)
+            if self.unparsed > self.client.max_head_bytes + 4096:
+                self._protocol_error(f"a response head larger than "
+                                     f"{self.client.max_head_bytes} bytes "
+                                     "(server.max_upstream_head_bytes)")
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -206,11 +213,14 @@ class UpstreamConnection(Protocol):
         self.head_bytes += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        client = self.client
         self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > MAX_HEAD_BYTES:
-            raise _Limit(f"a response head larger than {MAX_HEAD_BYTES} bytes")
-        if len(self.headers) >= MAX_HEAD_HEADERS:
-            raise _Limit(f"more than {MAX_HEAD_HEADERS} response headers")
+        if self.head_bytes > client.max_head_bytes:
+            raise _Limit(f"a response head larger than {client.max_head_bytes} bytes "
+                         "(server.max_upstream_head_bytes)")
+        if len(self.headers) >= client.max_headers:
+            raise _Limit(f"more than {client.max_headers} response headers "
+                         "(server.max_upstream_headers)")
         self.headers.append((name, value))
         lower = name.lower()
         if lower == b"content-length":

@@ -168,7 +168,8 @@ class Exchange:
         self.path = path
         self.headers = headers
         self.body = body
-        self.request_id = request_id
+        # Text, as every log line and event shows it.
+        self.request_id = request_id.decode("ascii")
         self.stream = stream
         self.sink = sink
         self.retries_left = gateway.config.proxy.retries
