@@ -10,10 +10,14 @@ Environment rule: every setting ``section.key`` is read from
 ``NTONIX_<SECTION>_<KEY>`` (upper case), e.g. ``NTONIX_PROXY_RETRIES``. The
 short seed names (``NTONIX_PORT``, ``NTONIX_SSL_PORT``, ``NTONIX_THREADS``,
 ``NTONIX_LOG_LEVEL``, ``NTONIX_BACKENDS``, ``NTONIX_CONFIG``) are aliases; when
-both spellings are set, the long one wins.
+both spellings are set, the long one wins. An unknown ``NTONIX_*`` variable,
+and a port variable whose value is a service address (``tcp://10.0.0.1:8080``,
+as Kubernetes sets for a Service named ``ntonix``), are ignored with a warning
+line (``Config.warnings``), not refused.
 """
 
 import json
+import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
@@ -151,7 +155,7 @@ class ProxyConfig:
     first_token_timeout_seconds: float = setting(30.0, min=0.001,
                                                  help="wait for a stream's first content event")
     retries: int = setting(1, cli="--retries", min=0, max=10, help="retries on another backend before any byte")
-    pool_size_per_backend: int = setting(10, min=1, help="idle keep-alive connections per backend")
+    pool_size_per_backend: int = setting(10, min=1, help="idle keep-alive connections kept per backend once traffic calms")
     # Below uvicorn's (vLLM's) 5 s keep-alive, so the gateway closes an idle
     # connection before the backend does and never writes into a closed one.
     pool_idle_seconds: float = setting(4.0, min=0.001, help="close pooled connections idle this long")
@@ -199,6 +203,9 @@ class Config:
     # Where each setting that is not a default came from, for errors found
     # after validation (a certificate that does not load, say).
     sources: Dict[str, str] = field(factory=dict, eq=False)
+    # Problems that did not stop the load (an unknown environment variable),
+    # one line each, for the log at start.
+    warnings: Tuple[str, ...] = field(default=(), eq=False)
 
     def source_of(self, key: str) -> str:
         return self.sources.get(key, DEFAULT_SOURCE)
@@ -206,7 +213,7 @@ class Config:
 
 SECTIONS: Dict[str, type] = {
     f.name: f.type for f in attrs.fields(Config)
-    if f.name not in ("backends", "source_file", "sources")
+    if f.name not in ("backends", "source_file", "sources", "warnings")
 }
 
 # Short environment names from the seed, mapped to the setting they alias.
@@ -218,6 +225,27 @@ ENV_ALIASES = {
 }
 ENV_BACKENDS = "NTONIX_BACKENDS"
 ENV_CONFIG = "NTONIX_CONFIG"
+
+# Kubernetes gives every pod, for each Service in its namespace, variables
+# named after the Service (``ntonix`` -> ``NTONIX_SERVICE_HOST``,
+# ``NTONIX_SERVICE_PORT[_<NAME>]``, ``NTONIX_PORT=tcp://10.0.0.1:8080``,
+# ``NTONIX_PORT_8080_TCP[_PROTO|_PORT|_ADDR]``), as Docker links did. They
+# share our prefix: they are recognised to say so in the warning.
+_K8S_VARIABLE = re.compile(
+    r"(?P<service>[A-Z0-9_]+?)_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+    r"|(?P<bare>PORT)|PORT_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)")
+# A ``scheme://`` value of a port variable: a service address, not a port.
+_SERVICE_ADDRESS = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
+PORT_SETTINGS = ("server.port", "server.ssl_port", "admin.port")
+
+
+def _k8s_service(name: str, value: str) -> Optional[str]:
+    """The Kubernetes Service whose discovery variable ``name`` (set to
+    ``value``) looks like, if any."""
+    m = _K8S_VARIABLE.fullmatch(name)
+    if m is None or m.group("bare") and not _SERVICE_ADDRESS.match(value):
+        return None
+    return m.group("service").lower().replace("_", "-")
 
 
 def env_name(key: str) -> str:
@@ -457,16 +485,33 @@ def read_file_layer(path: str) -> Dict[str, Raw]:
     return layer
 
 
-def read_env_layer(environ: Mapping[str, str]) -> Dict[str, Raw]:
-    """Settings from ``NTONIX_*`` variables; an unknown ``NTONIX_`` name is an
-    error, since it is almost always a typo that would otherwise be ignored."""
+def read_env_layer(environ: Mapping[str, str],
+                   warnings: Optional[List[str]] = None) -> Dict[str, Raw]:
+    """Settings from ``NTONIX_*`` variables.
+
+    An unknown ``NTONIX_`` name is not refused (Kubernetes sets several for a
+    Service named ``ntonix`` in every pod) but reported, one line in
+    ``warnings``, since it may be a typo. So is a port variable whose value
+    is a service address such as ``tcp://10.0.0.1:8080``: it is ignored.
+    """
     by_env = {env_name(key): key for key, _ in all_settings()}
     layer: Dict[str, Raw] = {}
-    errors: List[str] = []
+    found: List[str] = []
+
+    def take(name: str, key: str) -> None:
+        value = environ[name]
+        if key in PORT_SETTINGS and _SERVICE_ADDRESS.match(value):
+            service = _k8s_service(name, value)
+            found.append(f"{key} = {_show(value)} (environment {name}): a service address, "
+                         "not a port, ignored" + (f" (as Kubernetes sets for a Service named "
+                                                 f"{service})" if service else ""))
+            return
+        layer[key] = Raw(value, f"environment {name}", True)
+
     # Aliases first so that the long spelling, applied after, wins.
     for name, key in ENV_ALIASES.items():
         if name in environ:
-            layer[key] = Raw(environ[name], f"environment {name}", True)
+            take(name, key)
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name in ENV_ALIASES:
             continue
@@ -475,16 +520,22 @@ def read_env_layer(environ: Mapping[str, str]) -> Dict[str, Raw]:
         elif name == ENV_CONFIG:
             continue
         elif name in by_env:
-            layer[by_env[name]] = Raw(value, f"environment {name}", True)
+            take(name, by_env[name])
         else:
-            errors.append(f"{name} (environment): unknown setting; see `twistd ntonix --help`")
-    if errors:
-        raise ConfigError(errors)
+            # The value is not shown: an unknown variable may hold a secret.
+            service = _k8s_service(name, value)
+            found.append(f"{name} (environment): " + (
+                f"not a setting, ignored (as Kubernetes sets for a Service named {service})"
+                if service else "unknown setting, ignored; see `twistd ntonix --help`"))
+    if warnings is not None:
+        warnings.extend(found)
     return layer
 
 
-def build(layers: Sequence[Mapping[str, Raw]], source_file: Optional[str] = None) -> Config:
-    """Merge ``layers`` (lowest precedence first) over the defaults and validate."""
+def build(layers: Sequence[Mapping[str, Raw]], source_file: Optional[str] = None,
+          warnings: Sequence[str] = ()) -> Config:
+    """Merge ``layers`` (lowest precedence first) over the defaults and validate;
+    ``warnings`` are kept on the result."""
     merged: Dict[str, Raw] = {}
     for layer in layers:
         merged.update(layer)
@@ -512,7 +563,8 @@ def build(layers: Sequence[Mapping[str, Raw]], source_file: Optional[str] = None
         raise ConfigError(errors)
     built = {s: SECTIONS[s](**sections.get(s, {})) for s in SECTIONS}
     cfg = Config(backends=tuple(backends), source_file=source_file,
-                 sources={k: raw.source for k, raw in merged.items()}, **built)
+                 sources={k: raw.source for k, raw in merged.items()},
+                 warnings=tuple(warnings), **built)
     return _check_combinations(cfg, merged)
 
 
@@ -550,24 +602,26 @@ def load(
     """Assemble the configuration: defaults < file < environment < CLI.
 
     ``config_path`` is the ``--config`` value; without it ``NTONIX_CONFIG`` is
-    used; without either, only defaults, environment and CLI apply.
+    used; without either, only defaults, environment and CLI apply. What was
+    ignored with a warning is in the result's ``warnings``.
     """
     path = config_path or environ.get(ENV_CONFIG) or None
     layers: List[Mapping[str, Raw]] = []
     errors: List[str] = []
+    warnings: List[str] = []
     if path:
         try:
             layers.append(read_file_layer(path))
         except ConfigError as e:
             errors.extend(e.lines)
     try:
-        layers.append(read_env_layer(environ))
+        layers.append(read_env_layer(environ, warnings))
     except ConfigError as e:
         errors.extend(e.lines)
     if errors:
         raise ConfigError(errors)
     layers.append(cli)
-    return build(layers, source_file=path)
+    return build(layers, source_file=path, warnings=warnings)
 
 
 

@@ -6,7 +6,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import MultiService
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -23,6 +23,8 @@ from ntonix.observe.logs import make_observer
 from ntonix.routing.health import HealthChecker
 from ntonix.services import DemoBackendsService, DrainService, ListenerService, ReloadService
 from ntonix.tls import ServerTLS, tls_wanted
+
+log = Logger(namespace="ntonix.config")
 
 
 def _settings_reference() -> str:
@@ -157,6 +159,10 @@ class GatewayService(MultiService):
         self.tls: Any = None
 
     def startService(self) -> None:
+        # What the configuration ignored (an unknown NTONIX_* variable), one
+        # line each, before the listeners' lines.
+        for line in self.gateway.config.warnings if self.gateway is not None else ():
+            log.warn("configuration warning: {warning}", warning=line)
         super().startService()
         # Tail latency is set by the cycle collector's pauses, which stall
         # the reactor. Everything built so far lives as long as the process:

@@ -65,9 +65,12 @@ class GatewayCollector:
         avg = g("ntonix_backend_latency_avg_seconds", "Mean backend latency per backend",
                 labels=["backend"])
         opened = c("ntonix_backend_connections_opened",
-                   "New connections opened to each backend; rising with traffic means more "
-                   "requests in flight than proxy.pool_size_per_backend keeps alive",
+                   "New connections opened to each backend; flat under steady traffic, "
+                   "rising only as more requests are in flight at once",
                    labels=["backend"])
+        idle = g("ntonix_backend_connections_idle",
+                 "Kept-alive connections to each backend waiting for a request",
+                 labels=["backend"])
         for b in gw.backends:
             req.add_metric([b.name], b.requests)
             err.add_metric([b.name], b.errors)
@@ -75,7 +78,8 @@ class GatewayCollector:
             circuit.add_metric([b.name], CIRCUIT_VALUE.get(b.breaker.state, 2))
             avg.add_metric([b.name], b.latency_avg_ms / 1000.0)
             opened.add_metric([b.name], gw.upstream.connections_opened(b.name))
-        yield from (req, err, inflight, circuit, avg, opened)
+            idle.add_metric([b.name], gw.upstream.idle_connections(b.name))
+        yield from (req, err, inflight, circuit, avg, opened, idle)
         s = gw.cache.store
         st = s.stats
         yield c("ntonix_cache_hits", "Requests answered from the cache", value=st.hits)

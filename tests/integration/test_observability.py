@@ -4,9 +4,9 @@ import json
 
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
-from harness import JSON, chat_body, free_port, http_client, until, within
+from harness import JSON, chat_body, free_port, http_client, sleep, until, within
 
 PROMETHEUS_ACCEPT = (b"application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                      b"version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
@@ -157,17 +157,21 @@ async def test_upstream_error_marked_and_level_filter(tmp_path, mocks, gateway_f
 @pytest_twisted.ensureDeferred
 async def test_backend_connections_opened_shows_pool_churn(mocks, gateway_factory):
     # Requests one at a time reuse a pooled connection; more requests in
-    # flight than the pool keeps alive open (and later close) new ones, and
-    # the counter is how an operator sees it.
+    # flight than before open new ones, and the counter is how an operator
+    # sees it. Under load the pool keeps what it frees (the next burst opens
+    # nothing); once traffic calms the surplus past the pool size goes.
     a, _ = mocks
     a.knobs.ttft_ms = 300.0  # so that the concurrent ones overlap upstream
     gw = await gateway_factory("--port", "0", "--backend", a.address,
                                "--set", "proxy.pool_size_per_backend=2")
 
-    async def opened():
+    async def metric(name):
         r = await http_client().get(gw.url + "/metrics/prometheus")
         text = (await r.content()).decode()
-        return samples(text, "ntonix_backend_connections_opened_total")[(("backend", a.address),)]
+        return samples(text, name)[(("backend", a.address),)]
+
+    async def opened():
+        return await metric("ntonix_backend_connections_opened_total")
 
     for i in range(4):
         assert (await post(gw, chat_body(f"one at a time {i}"))).code == 200
@@ -176,4 +180,20 @@ async def test_backend_connections_opened_shows_pool_churn(mocks, gateway_factor
     replies = await within(defer.gatherResults([
         defer.ensureDeferred(post(gw, chat_body(f"together {i}"))) for i in range(8)]), 10)
     assert all(r.code == 200 for r in replies)
-    assert await opened() >= sequential + 6
+    after_burst = await opened()
+    assert after_burst >= sequential + 6
+    replies = await within(defer.gatherResults([
+        defer.ensureDeferred(post(gw, chat_body(f"again {i}"))) for i in range(8)]), 10)
+    assert all(r.code == 200 for r in replies)
+    assert await opened() == after_burst
+    assert await metric("ntonix_backend_connections_idle") == 8
+    idle = []
+
+    async def trimmed():
+        idle.append(await metric("ntonix_backend_connections_idle"))
+        return idle[-1] <= 2
+
+    deadline = reactor.seconds() + 5
+    while not await trimmed():
+        assert reactor.seconds() < deadline, idle
+        await sleep(0.1)
