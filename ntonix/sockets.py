@@ -58,7 +58,11 @@ class _DirectWrite:
 
 
 class DirectWriteServer(_DirectWrite, tcp.Server):
-    pass
+    # What Twisted may hold for a client beyond the kernel's socket buffer
+    # before it pauses the producer (the upstream socket). Its default is
+    # 64 KB: that much per stalled reader, where a stream's chunks are a few
+    # hundred bytes each and the kernel buffer already absorbs bursts.
+    bufferSize = 16 * 1024
 
 
 class DirectWriteClient(_DirectWrite, tcp.Client):

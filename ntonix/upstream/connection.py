@@ -174,7 +174,7 @@ class UpstreamConnection(Protocol):
             else:
                 raise
         except httptools.HttpParserError as e:
-            self._protocol_error(f"not a valid HTTP/1.1 response ({str(e)[:120]})")
+            self._protocol_error(f"an invalid HTTP/1.1 response ({str(e)[:120]})")
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.connected = False
