@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from ntonix.cache.manager import ResponseCache
 from ntonix.config import BackendConfig, Config, all_settings
+from ntonix.deadlines import DeadlineSweep
 from ntonix.observe.metrics import Metrics
 from ntonix.routing.backend import Backend
 from ntonix.routing.balancer import make_balancer
@@ -42,6 +43,8 @@ class Gateway:
         self.cache = ResponseCache(config.cache, reactor)
         self.metrics = Metrics(self)
         self.active_relays = 0
+        # Every exchange in progress: its response and stream-idle deadlines.
+        self.deadlines = DeadlineSweep(reactor, 0.05)
         self.draining = False
         # Called after the backend list changes (the health checker listens).
         self.on_backends_changed: List[Callable[[], None]] = []
@@ -168,4 +171,5 @@ class Gateway:
         return needs_restart
 
     def close(self) -> Any:
+        self.deadlines.stop()
         return self.upstream.close()

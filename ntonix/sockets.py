@@ -59,14 +59,17 @@ class _DirectWrite:
 
 class DirectWriteServer(_DirectWrite, tcp.Server):
     # What Twisted may hold for a client beyond the kernel's socket buffer
-    # before it pauses the producer (the upstream socket). Its default is
-    # 64 KB: that much per stalled reader, where a stream's chunks are a few
-    # hundred bytes each and the kernel buffer already absorbs bursts.
+    # before it pauses the producer (the upstream socket), and what one read
+    # takes. Its default is 64 KB: that much per stalled reader, where a
+    # stream's chunks are a few hundred bytes each and the kernel buffer
+    # already absorbs bursts.
     bufferSize = 16 * 1024
 
 
 class DirectWriteClient(_DirectWrite, tcp.Client):
-    pass
+    # Also what one read may take from the backend: with the client's
+    # buffer, the most a stalled stream can hold in the gateway.
+    bufferSize = 16 * 1024
 
 
 class DirectWritePort(tcp.Port):

@@ -49,21 +49,25 @@ def reason_phrase(code: int) -> bytes:
 
 
 class RequestHeaders:
-    """The request's headers in the order received, names as sent.
+    """The request's headers in the order received, names as sent, with
+    their lower-cased names (``lower``), made once by the parser.
 
     ``getRawHeaders`` has twisted.web's signature, so code written for
     ``Headers`` reads these unchanged; lookups are a scan of a short list.
     """
 
-    __slots__ = ("raw",)
+    __slots__ = ("raw", "lower")
 
-    def __init__(self, raw: List[Tuple[bytes, bytes]]) -> None:
+    def __init__(self, raw: List[Tuple[bytes, bytes]],
+                 lower: Optional[List[bytes]] = None) -> None:
         self.raw = raw
+        self.lower = lower if lower is not None else [n.lower() for n, _ in raw]
 
     def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
         name = name.lower()
-        found = [v for n, v in self.raw if n.lower() == name]
-        return found if found else default
+        if name not in self.lower:
+            return default
+        return [v for (_, v), low in zip(self.raw, self.lower) if low == name]
 
     def getAllRawHeaders(self) -> List[Tuple[bytes, List[bytes]]]:
         return [(n, [v]) for n, v in self.raw]
@@ -76,18 +80,23 @@ class Request:
         "channel", "method", "uri", "path", "clientproto", "requestHeaders", "body",
         "client_ip", "secure", "keep_alive", "code", "phrase", "headers_out",
         "started", "finished", "disconnected", "chunked", "sent_length", "producer",
-        "info", "request_id", "_done", "_has_length", "_no_body",
+        "info", "request_id", "given_request_id", "content_type", "_done", "_has_length",
+        "_no_body",
     )
 
     def __init__(self, channel: "HTTPServerProtocol", method: bytes, uri: bytes, path: bytes,
                  clientproto: bytes, headers: List[Tuple[bytes, bytes]], body: bytes,
-                 keep_alive: bool) -> None:
+                 keep_alive: bool, lower: Optional[List[bytes]] = None,
+                 request_id: bytes = b"", content_type: Optional[bytes] = None) -> None:
         self.channel = channel
         self.method = method
         self.uri = uri
         self.path = path
         self.clientproto = clientproto
-        self.requestHeaders = RequestHeaders(headers)
+        self.requestHeaders = RequestHeaders(headers, lower)
+        # Read by every forwarded request: picked out by the parser.
+        self.given_request_id = request_id
+        self.content_type = content_type
         self.body = body
         self.client_ip: str = channel.client_ip
         self.secure: bool = channel.secure
@@ -109,11 +118,8 @@ class Request:
 
     # -- reading the request
     def getHeader(self, name: bytes) -> Optional[bytes]:
-        name = name.lower()
-        for n, v in self.requestHeaders.raw:
-            if n.lower() == name:
-                return v
-        return None
+        values = self.requestHeaders.getRawHeaders(name)
+        return values[0] if values else None
 
     def isSecure(self) -> bool:
         return self.secure
@@ -139,19 +145,15 @@ class Request:
     def _head(self) -> bytes:
         code = self.code
         lines = [b"HTTP/1.1 %d %s\r\n" % (code, self.phrase or reason_phrase(code))]
-        has_date = has_server = False
-        for name, value in self.headers_out:
-            lower = name.lower()
-            if lower == b"content-length":
-                self._has_length = True
-            elif lower == b"date":
-                has_date = True
-            elif lower == b"server":
-                has_server = True
-            lines.append(b"%s: %s\r\n" % (name, value))
-        if not has_date:
+        lines.extend([b"%s: %s\r\n" % nv for nv in self.headers_out])
+        head = b"".join(lines)
+        # One lower-casing of the whole head instead of one per header.
+        low = head.lower()
+        lines = [head]
+        self._has_length = b"\ncontent-length:" in low
+        if b"\ndate:" not in low:
             lines.append(b"Date: %s\r\n" % http_date())
-        if not has_server:
+        if b"\nserver:" not in low:
             lines.append(b"Server: %s\r\n" % SERVER)
         if code in (204, 304) or 100 <= code < 200:
             self._no_body = True

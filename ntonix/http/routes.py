@@ -25,7 +25,7 @@ from ntonix.http.validate import (
     decode_json_body,
 )
 from ntonix.observe.access import CLIENT_CLOSED, UPSTREAM_ERROR, RequestInfo, log_access
-from ntonix.upstream.headers import request_id_from, upstream_request_headers
+from ntonix.upstream.headers import sane_request_id, upstream_header_block
 from ntonix.upstream.relay import ClientSink, Exchange
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class Router:
             self.routes[(b"POST", path)] = (self._forwarder(route), f"forwarded ({route})")
 
     def handle(self, request: Request) -> None:
-        request_id = request_id_from(request.requestHeaders)
+        request_id = sane_request_id(request.given_request_id)
         request.addHeader(b"X-Request-ID", request_id)
         request.request_id = request_id
         self._track(request, request_id)
@@ -218,7 +218,7 @@ class Router:
     def _forwarder(self, route: str) -> Handler:
         def forward(request: Request) -> None:
             try:
-                check_content_type(request)
+                check_content_type(request.content_type)
                 doc = check_body(route, decode_json_body(request.body))
             except BadRequest as e:
                 return send_error(request, e.status, e.message, e.code)
@@ -233,8 +233,9 @@ class Router:
         request.info.sse = stream
         if decision is not None and decision.lookup and cache.answer_from_cache(decision, request):
             return
-        headers = upstream_request_headers(request.requestHeaders.raw, request.client_ip,
-                                           request.request_id, request.secure)
+        headers = upstream_header_block(request.requestHeaders.raw, request.requestHeaders.lower,
+                                        request.client_ip, request.request_id, request.secure,
+                                        len(body))
         if decision is None or not decision.store:
             sink: Any = ClientSink(request, decision.label if decision else None)
         else:

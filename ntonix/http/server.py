@@ -23,11 +23,12 @@ from typing import Any, Deque, List, Optional, Tuple
 
 import attrs
 import httptools
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from ntonix.http.errors import raw_error_response
+from ntonix.deadlines import DeadlineSweep
 from ntonix.http.request import Request
 from ntonix.observe.access import access_log
 from ntonix.upstream.headers import sane_request_id
@@ -62,6 +63,12 @@ class Limits:
             body_timeout=server_cfg.body_timeout_seconds,
             idle_timeout=server_cfg.idle_timeout_seconds,
         )
+
+
+# Headers the parser picks out as they arrive (one dict lookup per header).
+_LENGTH, _HOST, _TYPE, _ID, _TE, _EXPECT = range(6)
+_NOTED = {b"content-length": _LENGTH, b"host": _HOST, b"content-type": _TYPE,
+          b"x-request-id": _ID, b"transfer-encoding": _TE, b"expect": _EXPECT}
 
 
 class _Reject(Exception):
@@ -102,16 +109,25 @@ class HTTPServerProtocol(Protocol):
     def _reset_message(self) -> None:
         self.url = b""
         self.headers: List[Tuple[bytes, bytes]] = []
+        self.lower: List[bytes] = []
         self.head_bytes = 0
         self.body: List[bytes] = []
         self.body_bytes = 0
         self.content_length: Optional[int] = None
         self.hosts = 0
         self.expect_continue = False
+        self.chunked = False
         self.request_id = b""
+        self.content_type: Optional[bytes] = None
 
     # -- connection
     def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            # Every answer is written whole or as a stream of small chunks
+            # meant to leave at once: Nagle's algorithm would hold a write
+            # behind an unacknowledged one (a TLS session ticket, the last
+            # token) for the client's delayed ACK, 40 ms.
+            self.transport.setTcpNoDelay(True)
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", None) or str(peer)
         self.secure = ISSLTransport.providedBy(self.transport)
@@ -193,14 +209,22 @@ class HTTPServerProtocol(Protocol):
         self.head_bytes += len(name) + len(value) + 4
         headers.append((name, value))
         lower = name.lower()
-        if lower == b"content-length":
+        self.lower.append(lower)
+        kind = _NOTED.get(lower)
+        if kind is None:
+            return
+        if kind == _LENGTH:
             self.content_length = int(value)
-        elif lower == b"host":
+        elif kind == _HOST:
             self.hosts += 1
-        elif lower == b"expect":
-            self.expect_continue = value.strip().lower() == b"100-continue"
-        elif lower == b"x-request-id":
+        elif kind == _TYPE:
+            self.content_type = value
+        elif kind == _ID:
             self.request_id = value
+        elif kind == _TE:
+            self.chunked = True
+        else:
+            self.expect_continue = value.strip().lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
         limits = self.limits
@@ -219,9 +243,7 @@ class HTTPServerProtocol(Protocol):
             raise _Reject(413, f"request body of {length} bytes exceeds the limit of "
                           f"{limits.max_body_bytes} bytes (server.max_body_bytes)",
                           "request_too_large")
-        chunked = length is None and any(
-            n.lower() == b"transfer-encoding" for n, _ in self.headers)
-        if length or chunked:
+        if length or (length is None and self.chunked):
             if self.expect_continue and version == "1.1" and self.current is None:
                 self.transport.write(CONTINUE)
             if self.current is None:
@@ -242,8 +264,8 @@ class HTTPServerProtocol(Protocol):
         parser = self.parser
         keep_alive = parser.should_keep_alive()
         if parser.should_upgrade():
-            if self.body_bytes or self.content_length or self.content_length is None and any(
-                    n.lower() == b"transfer-encoding" for n, _ in self.headers):
+            if self.body_bytes or self.content_length or \
+                    (self.content_length is None and self.chunked):
                 raise _Reject(400, "protocol upgrade is not supported; send the request "
                               "without Upgrade", "upgrade_not_supported")
             keep_alive = False
@@ -253,13 +275,13 @@ class HTTPServerProtocol(Protocol):
         else:
             url, path = _origin_form(url)
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        version = parser.get_http_version()
         request = Request(self, parser.get_method(), url, path,
-                          b"HTTP/" + parser.get_http_version().encode(), self.headers, body,
-                          keep_alive)
+                          b"HTTP/1.1" if version == "1.1" else b"HTTP/" + version.encode(),
+                          self.headers, body, keep_alive, self.lower, self.request_id,
+                          self.content_type)
         self.in_message = False
         self._reset_message()
-        if self.current is None:
-            self._enter(HANDLING, None)
         self.queue.append(request)
         if len(self.queue) > PIPELINE_DEPTH and not self.read_paused:
             self.read_paused = True
@@ -304,13 +326,19 @@ class HTTPServerProtocol(Protocol):
         if request is not self.current:
             return
         self.current = None
+        if not request.keep_alive or self.upgraded:
+            # The answer said the connection ends with it: whatever the
+            # client sent after, even a malformed request, gets no answer.
+            self.pending_reject = None
+            self._close()
+            return
         if self.pending_reject is not None:
             status, message, code = self.pending_reject
             self.pending_reject = None
             self.closing = False
             self.reject(status, message, code)
             return
-        if not request.keep_alive or self.closing or self.upgraded:
+        if self.closing:
             self._close()
             return
         if self.queue:
@@ -339,8 +367,12 @@ class HTTPServerProtocol(Protocol):
         self.phase = phase
         self.deadline_at = None if timeout is None else self.clock.seconds() + timeout
 
+    def check(self, now: float) -> None:
+        """Called by the factory's sweep."""
+        if self.deadline_at is not None and self.deadline_at <= now:
+            self.deadline_passed()
+
     def deadline_passed(self) -> None:
-        """Called by the factory's sweep once ``deadline_at`` has passed."""
         self.deadline_at = None
         phase = self.phase
         if phase == IDLE:
@@ -421,32 +453,12 @@ class GatewayServer(Factory):
         self.channels: "set[HTTPServerProtocol]" = set()
         self.connections_total = 0
         # How late a deadline may be noticed: a small share of the shortest.
-        self.sweep_seconds = min(0.25, limits.header_timeout / 8, limits.body_timeout / 8)
-        self.sweeper: Optional[IDelayedCall] = None
+        self.deadlines = DeadlineSweep(
+            clock, min(0.25, limits.header_timeout / 8, limits.body_timeout / 8), self.channels)
 
     def buildProtocol(self, addr: Any) -> HTTPServerProtocol:
         return HTTPServerProtocol(self)
 
     def connection_made(self, channel: HTTPServerProtocol) -> None:
-        self.channels.add(channel)
         self.connections_total += 1
-        if self.sweeper is None:
-            self.sweeper = self.clock.callLater(self.sweep_seconds, self._sweep)
-
-    def _sweep(self) -> None:
-        self.sweeper = None
-        now = self.clock.seconds()
-        for channel in [c for c in self.channels
-                        if c.deadline_at is not None and c.deadline_at <= now]:
-            try:
-                channel.deadline_passed()
-            except Exception:
-                log.failure("at a connection's deadline")
-        if self.channels:
-            self.sweeper = self.clock.callLater(self.sweep_seconds, self._sweep)
-
-    def stop(self) -> None:
-        """No more sweeps (the listeners are closed)."""
-        if self.sweeper is not None and self.sweeper.active():
-            self.sweeper.cancel()
-        self.sweeper = None
+        self.deadlines.add(channel)

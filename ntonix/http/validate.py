@@ -1,9 +1,8 @@
 """Checks on what a client sends, before anything goes upstream."""
 
 import json
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
-from ntonix.http.request import Request
 
 ROUTE_CHAT, ROUTE_COMPLETIONS, ROUTE_EMBEDDINGS = "chat", "completions", "embeddings"
 
@@ -18,8 +17,9 @@ class BadRequest(Exception):
         self.code = code
 
 
-def check_content_type(request: Request) -> None:
-    ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
+def check_content_type(content_type: Optional[bytes]) -> None:
+    """The request's Content-Type header value (None when absent) must say JSON."""
+    ctype = (content_type or b"").decode("latin-1")
     if ctype.split(";", 1)[0].strip().lower() != "application/json":
         raise BadRequest(415, "Content-Type must be application/json, not "
                          + (repr(ctype) if ctype else "missing"),

@@ -122,6 +122,7 @@ class Metrics:
         self.active = 0
         self.sites: list = []
         self._children: Dict[tuple, tuple] = {}
+        self._backend_children: Dict[str, Any] = {}
         r.register(GatewayCollector(gateway, self))
 
     def connections_active(self) -> int:
@@ -130,6 +131,12 @@ class Metrics:
     @property
     def connections_total(self) -> int:
         return sum(s.connections_total for s in self.sites)
+
+    def observe_backend(self, name: str, seconds: float) -> None:
+        child = self._backend_children.get(name)
+        if child is None:
+            child = self._backend_children[name] = self.backend_latency.labels(name)
+        child.observe(seconds)
 
     def finished(self, info: RequestInfo, status: int) -> None:
         # labels() hashes and validates its arguments on every call: keep

@@ -38,23 +38,26 @@ class _Limit(Exception):
 class UpstreamResponse:
     """A response head, and the body as it arrives."""
 
-    __slots__ = ("code", "phrase", "headers", "length", "connection", "protocol", "_held",
-                 "_end")
+    __slots__ = ("code", "phrase", "headers", "lower", "length", "connection", "protocol",
+                 "_held", "_end")
 
     def __init__(self, connection: "UpstreamConnection", code: int, phrase: bytes,
-                 headers: List[Tuple[bytes, bytes]], length: Optional[int]) -> None:
+                 headers: List[Tuple[bytes, bytes]], length: Optional[int],
+                 lower: List[bytes]) -> None:
         self.connection = connection
         self.code = code
         self.phrase = phrase
         self.headers = headers
+        self.lower = lower  # the header names lower-cased, in the same order
         self.length = length  # None: chunked or until the connection closes
         self.protocol: Any = None
         self._held: List[bytes] = []
         self._end: Optional[Tuple[bool, Optional[str]]] = None
 
     def header(self, name: bytes) -> bytes:
-        for n, v in self.headers:
-            if n.lower() == name:
+        """The first value of header ``name`` (lower-case), or b""."""
+        for (_, v), low in zip(self.headers, self.lower):
+            if low == name:
                 return v
         return b""
 
@@ -106,12 +109,14 @@ class UpstreamConnection(Protocol):
         self.request: Optional["UpstreamRequest"] = None
         self.response: Optional[UpstreamResponse] = None
         self.connected = False
+        self.paused = False
         self.idle_since = 0.0
         self._reset()
 
     def _reset(self) -> None:
         self.phrase = b""
         self.headers: List[Tuple[bytes, bytes]] = []
+        self.lower: List[bytes] = []
         self.head_bytes = 0
         self.length: Optional[int] = None
         self.chunked = False
@@ -130,10 +135,12 @@ class UpstreamConnection(Protocol):
     # -- the consumer's producer (the relay pipe drives these)
     def pauseProducing(self) -> None:
         if self.connected:
+            self.paused = True
             self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         if self.connected:
+            self.paused = False
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -146,6 +153,8 @@ class UpstreamConnection(Protocol):
     # -- connection events
     def connectionMade(self) -> None:
         self.connected = True
+        # One write per request, sent at once (see the client side).
+        self.transport.setTcpNoDelay(True)
         if self.on_connected is not None:
             on_connected, self.on_connected = self.on_connected, None
             on_connected(self)
@@ -223,6 +232,7 @@ class UpstreamConnection(Protocol):
                          "(server.max_upstream_headers)")
         self.headers.append((name, value))
         lower = name.lower()
+        self.lower.append(lower)
         if lower == b"content-length":
             self.length = int(value)
         elif lower == b"transfer-encoding":
@@ -239,7 +249,7 @@ class UpstreamConnection(Protocol):
         if request is None:
             return
         response = UpstreamResponse(self, code, self.phrase, self.headers,
-                                    None if self.chunked else self.length)
+                                    None if self.chunked else self.length, self.lower)
         self.response = response
         request.got_response(response)
 
@@ -257,8 +267,9 @@ class UpstreamConnection(Protocol):
         response, self.response = self.response, None
         self.request = None
         if keep_alive and self.connected:
-            # Resumed before it is pooled, or the next request never reads.
-            self.transport.resumeProducing()
+            if self.paused:
+                # Resumed before it is pooled, or the next request never reads.
+                self.resumeProducing()
             self.client.release(self)
         elif self.connected:
             self.transport.loseConnection()

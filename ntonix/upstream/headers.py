@@ -12,7 +12,7 @@ request's head is built here as one bytes string.
 import itertools
 import os
 import re
-from typing import Any, Iterable, List, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
 RawHeaders = List[Tuple[bytes, bytes]]
 
@@ -32,20 +32,23 @@ _DROP_CLIENT = HOP_BY_HOP | FRAMING | {b"x-request-id"}
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-def connection_listed(raw: Iterable[Tuple[bytes, bytes]]) -> Set[bytes]:
+def lower_names(raw: RawHeaders) -> List[bytes]:
+    return [n.lower() for n, _ in raw]
+
+
+def connection_listed(raw: RawHeaders, lower: List[bytes]) -> Set[bytes]:
     """Header names that a Connection header declares hop-by-hop."""
     out: Set[bytes] = set()
-    for name, value in raw:
-        if name.lower() == b"connection":
+    for (_, value), low in zip(raw, lower):
+        if low == b"connection":
             out.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return out
 
 
-def _filtered(raw: RawHeaders, drop: frozenset) -> RawHeaders:
-    listed = connection_listed(raw)
-    if listed:
-        drop = drop | listed
-    return [(n, v) for n, v in raw if n.lower() not in drop]
+def _dropped(raw: RawHeaders, lower: List[bytes], drop: frozenset) -> frozenset:
+    if b"connection" in lower:
+        return drop | connection_listed(raw, lower)
+    return drop
 
 
 # Fresh ids: a random per-process half and a counter, 32 hex digits as a
@@ -62,39 +65,43 @@ def sane_request_id(given: bytes) -> bytes:
     return b"%s%016x" % (_ID_PREFIX, next(_id_counter))
 
 
-def request_id_from(headers: Any) -> bytes:
-    """The client's X-Request-ID (from anything with ``getRawHeaders``) when
-    it is sane, else a fresh one."""
-    given = headers.getRawHeaders(b"x-request-id")
-    return sane_request_id(given[0] if given else b"")
-
-
-def upstream_request_headers(client: RawHeaders, client_ip: str, request_id: bytes,
-                             secure: bool) -> RawHeaders:
-    """The client's headers fit for the backend, with the forwarding ones."""
-    out = _filtered(client, _DROP_UPSTREAM)
-    xff = [v for n, v in client if n.lower() == b"x-forwarded-for"]
+def upstream_header_block(client: RawHeaders, lower: List[bytes], client_ip: str,
+                          request_id: bytes, secure: bool, body_length: int) -> bytes:
+    """The header lines of the request sent upstream, after its request line
+    and Host: the client's end-to-end headers, the forwarding ones, the
+    length, and the blank line. Built once per request, in one pass."""
+    drop = _dropped(client, lower, _DROP_UPSTREAM)
+    out = []
+    xff = []
+    for (name, value), low in zip(client, lower):
+        if low in drop:
+            if low == b"x-forwarded-for":
+                xff.append(value)
+            continue
+        out.append(b"%s: %s\r\n" % (name, value))
     ip = client_ip.encode()
-    out.append((b"X-Forwarded-For", b", ".join(xff + [ip]) if xff else ip))
-    out.append((b"X-Real-IP", ip))
-    out.append((b"X-Forwarded-Proto", b"https" if secure else b"http"))
-    out.append((b"X-Request-ID", request_id))
-    return out
+    if xff:
+        xff.append(ip)
+    out.append(b"X-Forwarded-For: %s\r\nX-Real-IP: %s\r\nX-Forwarded-Proto: %s\r\n"
+               b"X-Request-ID: %s\r\nContent-Length: %d\r\n\r\n"
+               % (b", ".join(xff) if xff else ip, ip, b"https" if secure else b"http",
+                  request_id, body_length))
+    return b"".join(out)
 
 
-def upstream_request_head(method: bytes, uri: bytes, host: bytes, headers: RawHeaders,
-                          body_length: int) -> bytes:
-    """The whole head of the request sent upstream."""
-    lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, uri, host)]
-    lines.extend(b"%s: %s\r\n" % (n, v) for n, v in headers)
-    lines.append(b"Content-Length: %d\r\n\r\n" % body_length)
-    return b"".join(lines)
+def request_line(method: bytes, uri: bytes, host: bytes) -> bytes:
+    """The request line and Host of a request to the backend ``host``."""
+    return b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, uri, host)
 
 
-def client_response_headers(upstream: RawHeaders) -> RawHeaders:
+def client_response_headers(upstream: RawHeaders,
+                            lower: Optional[List[bytes]] = None) -> RawHeaders:
     """The backend's response headers fit for the client.
 
     The body is relayed byte for byte, so Content-Encoding stays as the
     backend sent it; the client side frames the body for its own hop.
     """
-    return _filtered(upstream, _DROP_CLIENT)
+    if lower is None:
+        lower = lower_names(upstream)
+    drop = _dropped(upstream, lower, _DROP_CLIENT)
+    return [nv for nv, low in zip(upstream, lower) if low not in drop]

@@ -20,7 +20,7 @@ an SSE ``error`` event.
 from typing import TYPE_CHECKING, Any, List, Optional
 
 from twisted.internet import error
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -28,7 +28,7 @@ from ntonix.http.errors import error_json, send_error
 from ntonix.http.request import Request
 from ntonix.routing.backend import Backend
 from ntonix.upstream.connection import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
-from ntonix.upstream.headers import RawHeaders, client_response_headers, upstream_request_head
+from ntonix.upstream.headers import RawHeaders, client_response_headers, request_line
 from ntonix.upstream.sse import first_content_end
 
 if TYPE_CHECKING:
@@ -47,6 +47,10 @@ CONNECT_FAILURES = (
 # What a gated stream may hold before its first content event: past this the
 # backend is plainly sending, so the response is committed anyway.
 HOLD_LIMIT = 256 * 1024
+# A body of known length up to this size is written without pausing the
+# backend for a slow client: the most it can hold in the gateway is this
+# much, and registering a producer costs more than such a body takes.
+SMALL_BODY = 64 * 1024
 
 
 def sse_error_event(message: str, code: str) -> bytes:
@@ -70,7 +74,8 @@ class ResponsePipe:
         self.gated = gated
         self.held = b""
         self.scanned = 0
-        self.idle_timer: Optional[IDelayedCall] = None
+        # When silence becomes a failure (checked by the gateway's sweep).
+        self.idle_at: Optional[float] = None
         self.timed_out = False
         self.abandoned = False
         self.paused = False
@@ -130,19 +135,15 @@ class ResponsePipe:
             self.transport.stopProducing()
 
     def _arm(self) -> None:
-        timeout = self.exchange.gateway.config.proxy.stream_idle_timeout_seconds
-        if self.idle_timer is not None and self.idle_timer.active():
-            self.idle_timer.reset(timeout)
-        else:
-            self.idle_timer = self.exchange.gateway.reactor.callLater(timeout, self._idle)
+        exchange = self.exchange
+        self.idle_at = exchange.clock.seconds() + exchange.idle_timeout
 
     def _disarm(self) -> None:
-        if self.idle_timer is not None and self.idle_timer.active():
-            self.idle_timer.cancel()
-        self.idle_timer = None
+        self.idle_at = None
 
-    def _idle(self) -> None:
-        self.idle_timer = None
+    def idle(self) -> None:
+        """Nothing for ``proxy.stream_idle_timeout_seconds``."""
+        self.idle_at = None
         if self.paused:
             self.exchange.client_stalled()
             return
@@ -160,13 +161,15 @@ class Exchange:
     timeout); it calls ``cancel()`` when nobody wants the answer.
     """
 
-    def __init__(self, gateway: "Gateway", method: bytes, path: bytes, headers: RawHeaders,
+    def __init__(self, gateway: "Gateway", method: bytes, path: bytes, header_block: bytes,
                  body: bytes, request_id: bytes, stream: bool, sink: Any,
                  info: Any = None) -> None:
         self.gateway = gateway
+        self.clock = gateway.reactor
+        self.idle_timeout = gateway.config.proxy.stream_idle_timeout_seconds
         self.method = method
         self.path = path
-        self.headers = headers
+        self.header_block = header_block
         self.body = body
         # Text, as every log line and event shows it.
         self.request_id = request_id.decode("ascii")
@@ -179,7 +182,9 @@ class Exchange:
         self.pending: Any = None
         self.pipe: Optional[ResponsePipe] = None
         self.response: Optional[UpstreamResponse] = None
-        self.deadline: Optional[IDelayedCall] = None
+        # The current attempt's deadline (checked by the gateway's sweep).
+        self.deadline_at: Optional[float] = None
+        self.waited = 0.0
         self.last_attempt = True
         self.committed = False
         self.sse = False
@@ -197,7 +202,18 @@ class Exchange:
     # -- attempts
     def start(self) -> None:
         self.gateway.active_relays += 1
+        self.gateway.deadlines.add(self)
         self._attempt()
+
+    def check(self, now: float) -> None:
+        """Called by the gateway's deadline sweep."""
+        if self.deadline_at is not None and self.deadline_at <= now:
+            self.deadline_at = None
+            self._deadline_passed(self.waited)
+            return
+        pipe = self.pipe
+        if pipe is not None and pipe.idle_at is not None and pipe.idle_at <= now:
+            pipe.idle()
 
     def _attempt(self, same_backend_ok: bool = False) -> None:
         gw = self.gateway
@@ -218,17 +234,18 @@ class Exchange:
                 self.info.upstream_sent_at = self.attempt_started
             self.info.backend = backend.name
             self.info.retries = len(self.tried) - 1
-        self.last_attempt = self.retries_left == 0 or not gw.any_available(exclude=self.tried)
+        # Only a stream's deadline depends on it (see below).
+        self.last_attempt = not self.stream or self.retries_left == 0 or \
+            not gw.any_available(exclude=self.tried)
         proxy = gw.config.proxy
-        # One deadline per attempt, our own timer rather than addTimeout: a
-        # cancelled request surfaces as ResponseNeverReceived, not a timeout.
-        # A stream's deadline runs to its first content event; the last
-        # attempt gets the full response timeout for it.
+        # One deadline per attempt. A stream's deadline runs to its first
+        # content event; the last attempt gets the full response timeout.
         wait = proxy.first_token_timeout_seconds if self.stream and not self.last_attempt \
             else proxy.response_timeout_seconds
-        self.deadline = gw.reactor.callLater(wait, self._deadline_passed, wait)
-        data = upstream_request_head(self.method, self.path, backend.host_header, self.headers,
-                                     len(self.body)) + self.body
+        self.waited = wait
+        self.deadline_at = self.attempt_started + wait
+        data = b"".join((request_line(self.method, self.path, backend.host_header),
+                         self.header_block, self.body))
         self.pending = gw.upstream.forward(backend.host, backend.port, backend.name, data, self)
 
     def _release(self, verdict: Optional[bool], why: Optional[str] = None) -> None:
@@ -243,7 +260,7 @@ class Exchange:
         b.in_flight -= 1
         elapsed = self.gateway.reactor.seconds() - self.attempt_started
         b.record(verdict is not False, elapsed, why)
-        self.gateway.metrics.backend_latency.labels(b.name).observe(elapsed)
+        self.gateway.metrics.observe_backend(b.name, elapsed)
         if verdict is None:
             b.breaker.release()
         elif verdict:
@@ -253,9 +270,7 @@ class Exchange:
         self.gateway.released(b)
 
     def _cancel_deadline(self) -> None:
-        if self.deadline is not None and self.deadline.active():
-            self.deadline.cancel()
-        self.deadline = None
+        self.deadline_at = None
 
     def _finish(self) -> Any:
         """The exchange is over: account it and let go of what it holds.
@@ -269,6 +284,7 @@ class Exchange:
         if not self.done:
             self.done = True
             self.gateway.active_relays -= 1
+            self.gateway.deadlines.discard(self)
         sink, self.sink = self.sink, NO_SINK
         self.response = None
         self.pipe = None
@@ -294,7 +310,6 @@ class Exchange:
         self._finish()
 
     def _deadline_passed(self, waited: float) -> None:
-        self.deadline = None
         name = self.tried[-1].name
         setting = "proxy.first_token_timeout_seconds" if self.stream and not self.last_attempt \
             else "proxy.response_timeout_seconds"
@@ -370,7 +385,7 @@ class Exchange:
     def response_headers(self) -> RawHeaders:
         """The backend's head as the client may see it."""
         assert self.response is not None
-        return client_response_headers(self.response.headers)
+        return client_response_headers(self.response.headers, self.response.lower)
 
     def body_done(self, complete: bool, why: Optional[str], timed_out: bool) -> None:
         """The upstream body ended: completely, or not."""
@@ -435,7 +450,7 @@ def server_timing(request: Request) -> None:
     """Say what the gateway and the upstream each cost, on the head."""
     info = getattr(request, "info", None)
     if info is not None:
-        request.setHeader(b"Server-Timing", info.timing(request.channel.clock.seconds()).encode())
+        request.addHeader(b"Server-Timing", info.timing(request.channel.clock.seconds()).encode())
 
 
 def answer_error(request: Request, status: int, message: str, code: str,
@@ -501,10 +516,12 @@ class ClientSink:
         req.addHeader(b"X-Backend", exchange.backend_name.encode())
         if self.cache_status:
             req.addHeader(b"X-Cache", self.cache_status)
-        if response.length is not None:
-            req.addHeader(b"Content-Length", b"%d" % response.length)
+        length = response.length
+        if length is not None:
+            req.addHeader(b"Content-Length", b"%d" % length)
         server_timing(req)
-        req.registerProducer(producer, True)
+        if length is None or length > SMALL_BODY:
+            req.registerProducer(producer, True)
 
     def write(self, data: bytes) -> None:
         if not self.gone:
