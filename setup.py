@@ -68,6 +68,8 @@ setup(
             # The compose file is YAML, checked against a JSON schema.
             "pyyaml>=6.0",
             "jsonschema>=4.20",
+            # Property-based tests: the request fuzzer and the JSON validator.
+            "hypothesis>=6.100",
         ],
     },
     entry_points={

@@ -137,11 +137,86 @@ def test_every_problem_is_reported_once(tmp_path):
     ({"NTONIX_PORT": "0x"}, 'server.port = "0x" (environment NTONIX_PORT): expected an integer'),
     ({"NTONIX_PROXY_RETRIES": "-1"}, "proxy.retries"),
     ({"NTONIX_HEALTH_INTERVAL_SECONDS": "nan"}, "expected a finite number"),
-    ({"NTONIX_PORTT": "1"}, "NTONIX_PORTT (environment): unknown setting"),
+    # A numeric NTONIX_PORT is checked as before; only a service address is let pass.
+    ({"NTONIX_PORT": "8080x", "NTONIX_SERVICE_HOST": "10.0.0.1"},
+     'server.port = "8080x" (environment NTONIX_PORT): expected an integer'),
 ])
 def test_env_validation(env, expected):
     lines = problems(env=env)
     assert any(expected in line for line in lines), lines
+
+
+# Exactly what Kubernetes puts into every pod of the namespace for a Service
+# named ntonix with one port, 8080, named http.
+K8S_ENV = {
+    "NTONIX_SERVICE_HOST": "10.0.0.1",
+    "NTONIX_SERVICE_PORT": "8080",
+    "NTONIX_SERVICE_PORT_HTTP": "8080",
+    "NTONIX_PORT": "tcp://10.0.0.1:8080",
+    "NTONIX_PORT_8080_TCP": "tcp://10.0.0.1:8080",
+    "NTONIX_PORT_8080_TCP_PROTO": "tcp",
+    "NTONIX_PORT_8080_TCP_PORT": "8080",
+    "NTONIX_PORT_8080_TCP_ADDR": "10.0.0.1",
+}
+
+
+def test_kubernetes_service_variables_are_warnings_not_errors():
+    cfg = c.load({}, K8S_ENV)
+    assert cfg.server.port == 8080 and cfg.source_of("server.port") == "default"
+    assert cfg == c.load({}, {})  # nothing of them was taken as a setting
+    warned = {}
+    for line in cfg.warnings:
+        assert "\n" not in line and len(line) < 200, line
+        name = next(n for n in K8S_ENV if f"environment {n})" in line or f"{n} (environment)" in line)
+        assert name not in warned, line
+        warned[name] = line
+    assert set(warned) == set(K8S_ENV) and len(cfg.warnings) == len(K8S_ENV)
+    assert warned["NTONIX_PORT"] == (
+        'server.port = "tcp://10.0.0.1:8080" (environment NTONIX_PORT): a service address, '
+        "not a port, ignored (as Kubernetes sets for a Service named ntonix)")
+    assert warned["NTONIX_SERVICE_HOST"] == (
+        "NTONIX_SERVICE_HOST (environment): not a setting, ignored "
+        "(as Kubernetes sets for a Service named ntonix)")
+    # The values of variables that are not settings are not repeated.
+    assert not any("10.0.0.1" in warned[n] for n in K8S_ENV if n != "NTONIX_PORT")
+
+
+def test_kubernetes_variables_leave_every_port_source_working(tmp_path):
+    path = write(tmp_path, {"server": {"port": 1001}})
+    assert c.load({}, K8S_ENV, path).server.port == 1001
+    assert c.load(cli(server__port="1003"), K8S_ENV, path).server.port == 1003
+    assert c.load({}, {**K8S_ENV, "NTONIX_SERVER_PORT": "1002"}, path).server.port == 1002
+    # A numeric NTONIX_PORT, as today (the same name cannot hold both).
+    cfg = c.load({}, {**K8S_ENV, "NTONIX_PORT": "1004"}, path)
+    assert cfg.server.port == 1004 and cfg.source_of("server.port") == "environment NTONIX_PORT"
+    assert len(cfg.warnings) == len(K8S_ENV) - 1
+
+
+def test_service_address_in_other_port_variables_is_ignored():
+    cfg = c.load({}, {"NTONIX_SSL_PORT": "tcp://10.0.0.2:8443",
+                      "NTONIX_ADMIN_PORT": "tcp://10.0.0.3:2222",
+                      "NTONIX_ADMIN_SERVICE_HOST": "10.0.0.3"})
+    assert (cfg.server.ssl_port, cfg.admin.port) == (8443, 2222)
+    assert sorted(cfg.warnings) == [
+        "NTONIX_ADMIN_SERVICE_HOST (environment): not a setting, ignored "
+        "(as Kubernetes sets for a Service named ntonix-admin)",
+        'admin.port = "tcp://10.0.0.3:2222" (environment NTONIX_ADMIN_PORT): a service address, '
+        "not a port, ignored (as Kubernetes sets for a Service named ntonix-admin)",
+        'server.ssl_port = "tcp://10.0.0.2:8443" (environment NTONIX_SSL_PORT): a service '
+        "address, not a port, ignored (as Kubernetes sets for a Service named ntonix-ssl)",
+    ]
+
+
+def test_unknown_env_variable_is_a_warning_naming_it():
+    cfg = c.load({}, {"NTONIX_PORTT": "1", "NTONIX_API_KEY": "sk-secret"})
+    assert cfg.server.port == 8080
+    assert cfg.warnings == (
+        "NTONIX_API_KEY (environment): unknown setting, ignored; see `twistd ntonix --help`",
+        "NTONIX_PORTT (environment): unknown setting, ignored; see `twistd ntonix --help`",
+    )
+    # A known setting with a bad value is still an error, warnings or not.
+    assert problems(env={"NTONIX_PORTT": "1", "NTONIX_PROXY_RETRIES": "x"}) == [
+        'proxy.retries = "x" (environment NTONIX_PROXY_RETRIES): expected an integer']
 
 
 def test_cli_validation_names_the_flag():
