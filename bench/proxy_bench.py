@@ -2,8 +2,8 @@
 each against a direct connection to the backend, in one run.
 
     apt-get install wrk          # once: the requests/s rows (without it, Python clients)
-    flock /tmp/ntonix-cpu.lock .venv/bin/python bench/proxy_bench.py          # ~5 minutes
-    flock /tmp/ntonix-cpu.lock .venv/bin/python bench/proxy_bench.py --quick  # ~1 minute
+    .venv/bin/python bench/proxy_bench.py          # ~5 minutes
+    .venv/bin/python bench/proxy_bench.py --quick  # ~1 minute
 
 Columns, every figure measured in the same run:
 
