@@ -19,7 +19,7 @@ log = Logger(namespace="ntonix.deadlines")
 
 class DeadlineSweep:
     """Calls ``check(now)`` on every item of ``items`` every ``interval``
-    seconds while there are any; ``wake()`` after adding one."""
+    seconds while there are any."""
 
     def __init__(self, clock: Any, interval: float, items: Optional[Iterable[Any]] = None
                  ) -> None:
@@ -36,10 +36,6 @@ class DeadlineSweep:
     def discard(self, item: Any) -> None:
         self.items.discard(item)
 
-    def wake(self) -> None:
-        if self.timer is None:
-            self.timer = self.clock.callLater(self.interval, self._sweep)
-
     def _sweep(self) -> None:
         self.timer = None
         now = self.clock.seconds()
@@ -48,7 +44,8 @@ class DeadlineSweep:
                 item.check(now)
             except Exception:
                 log.failure("checking a deadline of {item!r}", item=item)
-        if self.items:
+        # A check may have added an item, and armed the timer already.
+        if self.items and self.timer is None:
             self.timer = self.clock.callLater(self.interval, self._sweep)
 
     def stop(self) -> None:

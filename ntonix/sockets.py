@@ -28,9 +28,16 @@ class _DirectWrite:
     # True while Twisted's buffer may hold bytes: from the first write we
     # hand it until it reports the buffer drained (``stopWriting``).
     _queued = False
+    # Set by abortConnection: from then on Twisted decides (it drops writes).
+    _aborted_here = False
+
+    def abortConnection(self) -> None:
+        self._aborted_here = True
+        tcp.Connection.abortConnection(self)
 
     def write(self, data: bytes) -> None:
-        if self._queued or not self.connected or self.disconnecting or not data:
+        if self._queued or not self.connected or self.disconnecting or self._aborted_here \
+                or not data:
             if data:
                 self._queued = True
             tcp.Connection.write(self, data)
@@ -68,7 +75,9 @@ class DirectWriteServer(_DirectWrite, tcp.Server):
 
 class DirectWriteClient(_DirectWrite, tcp.Client):
     # Also what one read may take from the backend: with the client's
-    # buffer, the most a stalled stream can hold in the gateway.
+    # buffer, the most a stalled stream can hold in the gateway. (Backends
+    # given by name connect through HostnameEndpoint, whose transport is
+    # Twisted's own: 64 KB reads, queued writes.)
     bufferSize = 16 * 1024
 
 

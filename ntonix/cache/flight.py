@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = Logger(namespace="ntonix.cache.flight")
 
 # Headers that describe one delivery, not the answer: never stored or shared.
-PER_RESPONSE = frozenset({b"date", b"server", b"x-request-id", b"content-length"})
+PER_RESPONSE = frozenset({b"date", b"server", b"x-request-id", b"content-length", b"age"})
 
 
 @implementer(IPushProducer)

@@ -69,8 +69,6 @@ class RequestHeaders:
             return default
         return [v for (_, v), low in zip(self.raw, self.lower) if low == name]
 
-    def getAllRawHeaders(self) -> List[Tuple[bytes, List[bytes]]]:
-        return [(n, [v]) for n, v in self.raw]
 
 
 class Request:
@@ -120,9 +118,6 @@ class Request:
     def getHeader(self, name: bytes) -> Optional[bytes]:
         values = self.requestHeaders.getRawHeaders(name)
         return values[0] if values else None
-
-    def isSecure(self) -> bool:
-        return self.secure
 
     # -- the answer's head
     def setResponseCode(self, code: int, phrase: Optional[bytes] = None) -> None:
@@ -217,21 +212,23 @@ class Request:
     def abort(self) -> None:
         """Cut the connection: the only way to tell a client that a body
         already started is incomplete."""
-        self.channel.transport.abortConnection()
+        if not self.finished and not self.disconnected:
+            self.channel.transport.abortConnection()
 
     # -- flow control
     def registerProducer(self, producer: Any, streaming: bool = True) -> None:
+        """``producer`` (a push producer) is paused while the client does
+        not read, and stopped if it leaves."""
         if self.disconnected:
             producer.stopProducing()
             return
         self.producer = producer
-        self.channel.transport.registerProducer(producer, streaming)
+        self.channel.register_answer_producer(producer)
 
     def unregisterProducer(self) -> None:
         if self.producer is not None:
             self.producer = None
-            if not self.disconnected:
-                self.channel.transport.unregisterProducer()
+            self.channel.unregister_answer_producer()
 
     # -- the end, either way
     def when_done(self, callback: DoneCallback) -> None:
@@ -248,7 +245,7 @@ class Request:
         if self.finished or self.disconnected:
             return
         self.disconnected = True
-        # The transport itself stops a producer registered on it.
+        # The channel, the transport's producer, stops the answer's producer.
         self.producer = None
         self._fire(reason)
 

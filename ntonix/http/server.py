@@ -102,12 +102,19 @@ class HTTPServerProtocol(Protocol):
         self.serving = False
         self.pending_reject: Optional[Tuple[int, str, str]] = None
         self.in_message = False
+        self.in_head = False  # from a message's first byte to the end of its head
+        self.continue_due = False  # a 100 Continue owed once the answer before is done
+        # Flow control of the client's side of the connection: the channel
+        # is its transport's producer for the connection's whole life, and
+        # passes pauses on to the producer of the answer in progress.
+        self.write_paused = False
+        self.answer_producer: Any = None
         # Head bytes received and not yet parsed into a complete head.
         self.unparsed_head = 0
         self._reset_message()
 
     def _reset_message(self) -> None:
-        self.url = b""
+        self.url: List[bytes] = []
         self.headers: List[Tuple[bytes, bytes]] = []
         self.lower: List[bytes] = []
         self.head_bytes = 0
@@ -132,6 +139,7 @@ class HTTPServerProtocol(Protocol):
         self.client_ip = getattr(peer, "host", None) or str(peer)
         self.secure = ISSLTransport.providedBy(self.transport)
         self.factory.connection_made(self)
+        self.transport.registerProducer(self, True)
         # From the connection on, not the first byte: a client that connects
         # and sends nothing (or stalls in the TLS handshake, which happens
         # below this protocol) is dropped at the head deadline too.
@@ -146,8 +154,43 @@ class HTTPServerProtocol(Protocol):
         self.closing = True
         self.queue.clear()
         current, self.current = self.current, None
+        self.answer_producer = None
         if current is not None:
             current.connection_lost(reason)
+
+    # -- IPushProducer: the transport says when the client stops reading
+    def pauseProducing(self) -> None:
+        # Stop reading too: no new request is taken while the client does
+        # not read the answers already written.
+        self.write_paused = True
+        if not self.read_paused:
+            self.transport.pauseProducing()
+        if self.answer_producer is not None:
+            self.answer_producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.write_paused = False
+        if not self.read_paused and not self.closing:
+            self.transport.resumeProducing()
+        if self.answer_producer is not None:
+            self.answer_producer.resumeProducing()
+        if self.current is None and self.queue:
+            self._serve_next()
+
+    def stopProducing(self) -> None:
+        producer, self.answer_producer = self.answer_producer, None
+        if producer is not None:
+            producer.stopProducing()
+
+    def register_answer_producer(self, producer: Any) -> None:
+        """The producer of the answer being written (the upstream socket, a
+        flight, a replay): paused whenever the client stops reading."""
+        self.answer_producer = producer
+        if self.write_paused:
+            producer.pauseProducing()
+
+    def unregister_answer_producer(self) -> None:
+        self.answer_producer = None
 
     @property
     def busy(self) -> bool:
@@ -161,13 +204,10 @@ class HTTPServerProtocol(Protocol):
         self.bytes_seen = True
         if self.phase == IDLE and self.current is None:
             self._enter(HEAD, self.limits.header_timeout)
-        if self.phase != BODY:
+        if self.in_head or not self.in_message:
             self.unparsed_head += len(data)
         try:
             self.parser.feed_data(data)
-        except _Reject as e:  # raised outside a callback (not by httptools)
-            self.reject(e.status, e.message, e.code)
-            return
         except httptools.HttpParserUpgrade:
             # The request asking for it was complete (and had no body, else
             # it was refused): it is answered, then the connection closes.
@@ -184,8 +224,7 @@ class HTTPServerProtocol(Protocol):
         except httptools.HttpParserError as e:
             self.reject(400, f"malformed HTTP request: {_reason(e)}", "bad_request")
             return
-        if self.in_message and self.phase == HEAD and \
-                self.unparsed_head > self.limits.max_header_bytes:
+        if self.in_head and self.unparsed_head > self.limits.max_header_bytes:
             # A head still incomplete past the limit: no need to wait for it.
             self.reject(431, f"request head larger than {self.limits.max_header_bytes} bytes "
                         "(server.max_header_bytes)", "headers_too_large")
@@ -193,15 +232,23 @@ class HTTPServerProtocol(Protocol):
     # -- parser callbacks
     def on_message_begin(self) -> None:
         self.in_message = True
+        self.in_head = True
         self._reset_message()
         if self.current is None and self.phase != HEAD:
             self._enter(HEAD, self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
-        self.url += url
+        self.url.append(url)
         self.head_bytes += len(url)
+        if self.head_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, f"request head larger than {self.limits.max_header_bytes} bytes "
+                          "(server.max_header_bytes)", "headers_too_large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            # A chunked body's trailer: not a header of the request, and
+            # never forwarded as one.
+            return
         headers = self.headers
         if len(headers) >= self.limits.max_headers:
             raise _Reject(431, f"more than {self.limits.max_headers} request headers "
@@ -229,6 +276,7 @@ class HTTPServerProtocol(Protocol):
     def on_headers_complete(self) -> None:
         limits = self.limits
         self.unparsed_head = 0
+        self.in_head = False
         if self.head_bytes > limits.max_header_bytes:
             raise _Reject(431, f"request head larger than {limits.max_header_bytes} bytes "
                           "(server.max_header_bytes)", "headers_too_large")
@@ -244,8 +292,11 @@ class HTTPServerProtocol(Protocol):
                           f"{limits.max_body_bytes} bytes (server.max_body_bytes)",
                           "request_too_large")
         if length or (length is None and self.chunked):
-            if self.expect_continue and version == "1.1" and self.current is None:
-                self.transport.write(CONTINUE)
+            if self.expect_continue and version == "1.1":
+                if self.current is None:
+                    self.transport.write(CONTINUE)
+                else:
+                    self.continue_due = True  # after the answer in progress
             if self.current is None:
                 self._enter(BODY, limits.body_timeout)
             else:
@@ -269,7 +320,8 @@ class HTTPServerProtocol(Protocol):
                 raise _Reject(400, "protocol upgrade is not supported; send the request "
                               "without Upgrade", "upgrade_not_supported")
             keep_alive = False
-        url = self.url
+        url = b"".join(self.url)
+        self.continue_due = False
         if url[:1] == b"/":
             path = url.split(b"?", 1)[0]
         else:
@@ -294,7 +346,8 @@ class HTTPServerProtocol(Protocol):
             return  # the loop below, further up the stack, takes it
         self.serving = True
         try:
-            while self.current is None and self.queue and not self.closing:
+            while self.current is None and self.queue and not self.closing \
+                    and not self.write_paused:
                 request = self.queue.popleft()
                 self.current = request
                 self._enter(HANDLING, None)
@@ -306,7 +359,8 @@ class HTTPServerProtocol(Protocol):
             self.serving = False
         if self.read_paused and len(self.queue) <= PIPELINE_DEPTH // 2 and not self.closing:
             self.read_paused = False
-            self.transport.resumeProducing()
+            if not self.write_paused:
+                self.transport.resumeProducing()
 
     def _handler_failed(self, request: Request) -> None:
         # A bug of ours must not show the client a traceback.
@@ -344,6 +398,9 @@ class HTTPServerProtocol(Protocol):
         if self.queue:
             self._serve_next()
         if self.current is None:
+            if self.continue_due:
+                self.continue_due = False
+                self.transport.write(CONTINUE)
             if self.in_message:
                 self._enter(BODY if self.phase == BODY else HEAD,
                             self.limits.body_timeout if self.phase == BODY

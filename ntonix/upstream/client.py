@@ -75,6 +75,9 @@ class UpstreamRequest:
     def got_response(self, response: Any) -> None:
         if not self.done:
             self.done = True
+            # From here the response owns the connection (and hands it back
+            # to the pool); a late cancel must not reach it.
+            self.connection = None
             self.receiver.got_response(self, response)
 
     def failed(self, reason: Exception) -> None:
@@ -118,13 +121,16 @@ class _ConnectFactory(ClientFactory):
 
     def __init__(self, client: "UpstreamClient", request: UpstreamRequest) -> None:
         self.client = client
-        self.request = request
+        self.name = request.name
+        self.request: Optional[UpstreamRequest] = request
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
-        return UpstreamConnection(self.client, self.request.name, on_connected=self.connected)
+        return UpstreamConnection(self.client, self.name, on_connected=self.connected)
 
     def connected(self, conn: UpstreamConnection) -> None:
-        request = self.request
+        # The connector keeps its factory as long as the connection lives:
+        # it must not keep the request (and its body) that long.
+        request, self.request = self.request, None
         request.connecting = None
         if request.done:
             conn.client.release(conn)  # a cancelled request's connection is still good
@@ -132,8 +138,10 @@ class _ConnectFactory(ClientFactory):
             conn.send(request)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.request.connecting = None
-        self.request.failed(reason.value)
+        request, self.request = self.request, None
+        if request is not None:
+            request.connecting = None
+            request.failed(reason.value)
 
 
 class UpstreamClient:
@@ -184,6 +192,7 @@ class UpstreamClient:
             limit = self.reactor.seconds() - self.idle_seconds
             while idle:
                 conn = idle.pop()  # the most recently used: the least likely stale
+                conn.pooled = False
                 if conn.connected and conn.idle_since >= limit:
                     request.reused = True
                     conn.send(request)
@@ -217,8 +226,9 @@ class UpstreamClient:
     def release(self, conn: UpstreamConnection) -> None:
         """A connection whose answer was read whole: keep it for the next
         request (the sweeper trims the surplus once traffic calms)."""
-        if not conn.connected:
+        if not conn.connected or conn.pooled:
             return
+        conn.pooled = True
         idle = self.idle.get(conn.name)
         if idle is None:
             idle = self.idle[conn.name] = []
@@ -229,9 +239,11 @@ class UpstreamClient:
 
     def forget(self, conn: UpstreamConnection) -> None:
         """A connection closed: it is no longer in the pool."""
-        idle = self.idle.get(conn.name)
-        if idle and conn in idle:
-            idle.remove(conn)
+        if conn.pooled:
+            conn.pooled = False
+            idle = self.idle.get(conn.name)
+            if idle and conn in idle:
+                idle.remove(conn)
 
     def _sweep(self) -> None:
         """Close the surplus past the idle cap once it has sat idle for a
@@ -247,6 +259,7 @@ class UpstreamClient:
             for conn in idle:
                 if conn.idle_since < expired or (extra > 0 and conn.idle_since < surplus):
                     extra -= 1
+                    conn.pooled = False
                     conn.transport.loseConnection()
                 else:
                     keep.append(conn)
@@ -262,6 +275,7 @@ class UpstreamClient:
         self.sweeper = None
         for idle in self.idle.values():
             for conn in list(idle):
+                conn.pooled = False
                 conn.transport.loseConnection()
         self.idle.clear()
         return self.control_pool.closeCachedConnections()

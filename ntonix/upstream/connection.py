@@ -15,6 +15,7 @@ client gets a 502 and the connection is closed, never an unbounded buffer.
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 import httptools
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -109,6 +110,9 @@ class UpstreamConnection(Protocol):
         self.request: Optional["UpstreamRequest"] = None
         self.response: Optional[UpstreamResponse] = None
         self.connected = False
+        self.aborted = False  # by us: whatever it was doing is abandoned
+        self.pooled = False
+        self.release_due = False  # an answer read whole, to pool once parsing returns
         self.paused = False
         self.idle_since = 0.0
         self._reset()
@@ -147,7 +151,9 @@ class UpstreamConnection(Protocol):
         """Abandon whatever is in progress: the socket closes at once, so
         the backend stops generating for nobody."""
         self.request = None
-        if self.connected:
+        self.release_due = False
+        if self.connected and not self.aborted:
+            self.aborted = True
             self.transport.abortConnection()
 
     # -- connection events
@@ -166,7 +172,30 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self.got_bytes = True
-        if self.response is None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _Limit):
+                self._protocol_error(str(e.__context__))
+                return
+            raise
+        except httptools.HttpParserUpgrade:
+            self._protocol_error("a protocol upgrade (101) to a request that asked for none")
+            return
+        except httptools.HttpParserError as e:
+            self._protocol_error(f"an invalid HTTP/1.1 response ({str(e)[:120]})")
+            return
+        if self.release_due:
+            # Pooled only once the whole read is parsed: bytes after the end
+            # of an answer are an error of this connection, not the start of
+            # the next request's answer.
+            self.release_due = False
+            if self.connected and not self.aborted:
+                if self.paused:
+                    # Resumed before it is pooled, or the next request never reads.
+                    self.resumeProducing()
+                self.client.release(self)
+        elif self.response is None and self.request is not None:
             # Still in the head: llhttp holds a header line it has not
             # finished, so bound what it may hold before the line ends.
             self.unparsed += len(data)
@@ -174,16 +203,6 @@ class UpstreamConnection(Protocol):
                 self._protocol_error(f"a response head larger than "
                                      f"{self.client.max_head_bytes} bytes "
                                      "(server.max_upstream_head_bytes)")
-                return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as e:
-            if isinstance(e.__context__, _Limit):
-                self._protocol_error(str(e.__context__))
-            else:
-                raise
-        except httptools.HttpParserError as e:
-            self._protocol_error(f"an invalid HTTP/1.1 response ({str(e)[:120]})")
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.connected = False
@@ -191,8 +210,10 @@ class UpstreamConnection(Protocol):
         request, self.request = self.request, None
         response, self.response = self.response, None
         if response is not None:
-            if self.length is None and not self.chunked and not self.interim:
-                # No length and no chunks: the close is the end of the body.
+            if self.length is None and not self.chunked and not self.interim \
+                    and not self.aborted and reason is not None and reason.check(ConnectionDone):
+                # No length and no chunks: a clean close is the end of the
+                # body (a reset, or our own abort, is not).
                 response._ended(True, None)
             else:
                 response._ended(False, f"connection closed mid-response "
@@ -206,7 +227,10 @@ class UpstreamConnection(Protocol):
     def _protocol_error(self, why: str) -> None:
         request, self.request = self.request, None
         response, self.response = self.response, None
-        self.transport.abortConnection()
+        self.release_due = False
+        if not self.aborted:
+            self.aborted = True
+            self.transport.abortConnection()
         if response is not None:
             response._ended(False, f"backend {self.name} sent an invalid response: {why}")
         elif request is not None:
@@ -214,6 +238,8 @@ class UpstreamConnection(Protocol):
 
     # -- parser callbacks
     def on_message_begin(self) -> None:
+        if self.request is None:
+            raise _Limit("bytes after the end of its answer")
         self._reset()
         self.got_bytes = True
 
@@ -265,13 +291,11 @@ class UpstreamConnection(Protocol):
         # Read here: llhttp resets its flags once the message is complete.
         keep_alive = self.parser.should_keep_alive()
         response, self.response = self.response, None
+        wanted = self.request is not None
         self.request = None
-        if keep_alive and self.connected:
-            if self.paused:
-                # Resumed before it is pooled, or the next request never reads.
-                self.resumeProducing()
-            self.client.release(self)
-        elif self.connected:
+        if keep_alive and wanted and self.connected and not self.aborted:
+            self.release_due = True
+        elif self.connected and not self.aborted:
             self.transport.loseConnection()
         if response is not None:
             response._ended(True, None)

@@ -26,8 +26,9 @@ FRAMING = frozenset({b"content-length", b"host", b"expect"})
 FORWARDING = frozenset({b"x-real-ip", b"x-request-id", b"x-forwarded-proto",
                         b"x-forwarded-for"})
 _DROP_UPSTREAM = HOP_BY_HOP | FRAMING | FORWARDING
-# The client is told the gateway's own request id, the one the backend was sent.
-_DROP_CLIENT = HOP_BY_HOP | FRAMING | {b"x-request-id"}
+# The client is told the gateway's own request id (the one the backend was
+# sent) and the gateway's own X-Cache and X-Backend, never a backend's.
+_DROP_CLIENT = HOP_BY_HOP | FRAMING | {b"x-request-id", b"x-cache", b"x-backend"}
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 

@@ -120,11 +120,13 @@ class ResponsePipe:
         self._disarm()
         if self.abandoned:
             return
-        if self.gated and self.held:
-            # Ended before any content event: relay what there was.
+        if self.gated:
+            # Ended before any content event: relay what there was (perhaps
+            # nothing: an empty answer is still an answer to start).
             self.gated = False
             self.exchange.commit(self)
-            self.exchange.deliver(self.held)
+            if self.held:
+                self.exchange.deliver(self.held)
         self.exchange.body_done(complete, why, self.timed_out)
 
     def abandon(self) -> None:

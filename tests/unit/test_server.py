@@ -333,13 +333,13 @@ def test_producer_is_registered_on_the_transport_and_stopped_on_disconnect():
     request = router.held[0]
 
     class Producer:
-        stopped = False
+        stopped = paused = False
 
         def pauseProducing(self):
-            pass
+            self.paused = True
 
         def resumeProducing(self):
-            pass
+            self.paused = False
 
         def stopProducing(self):
             self.stopped = True
@@ -348,8 +348,17 @@ def test_producer_is_registered_on_the_transport_and_stopped_on_disconnect():
     ends = []
     request.when_done(ends.append)
     request.registerProducer(p, True)
-    assert t.producer is p and t.streaming
+    # The channel is the transport's producer; the answer's producer hangs
+    # off it and is paused with it.
+    assert t.producer is channel and t.streaming
+    channel.pauseProducing()
+    assert p.paused
+    channel.resumeProducing()
+    assert not p.paused
+    # Twisted stops the transport's producer when the connection is lost.
+    channel.stopProducing()
     channel.connectionLost(Exception("gone"))
+    assert p.stopped
     assert len(ends) == 1 and ends[0] is not None
     # Writing after the client left is a no-op, never an exception.
     request.write(b"x")
@@ -366,3 +375,59 @@ def test_handler_bug_answers_500_json_not_a_traceback():
     status, err = status_and_error(t)
     assert status == 500 and err["code"] == "internal_error"
     assert b"boom" not in t.value()
+
+
+def test_a_client_that_does_not_read_gets_no_more_answers_until_it_does():
+    clock, server, channel, t = connect()
+    channel.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    # Its socket buffer is full: the transport pauses the channel.
+    channel.pauseProducing()
+    assert t.producerState == "paused"  # it stops reading too
+    written = len(t.value())
+    channel.dataReceived(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(t.value()) == written  # queued, not answered
+    channel.resumeProducing()
+    assert t.value().count(b"HTTP/1.1 200 ") == 2
+    assert t.producerState == "producing"
+
+
+def test_pipelined_head_over_the_limit_while_an_answer_is_in_progress():
+    router = Echo(hold=True)
+    clock, server, channel, t = connect(router=router)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /" + b"a" * 600)
+    # Refused as soon as it passes the limit; the answer waits for the one
+    # in progress, and nothing more is read.
+    channel.dataReceived(b"a" * 100_000)
+    assert t.value() == b""
+    router.held[0].write(b"first")
+    router.held[0].finish()
+    out = t.value()
+    assert out.index(b"first") < out.index(b"HTTP/1.1 431 ")
+    assert t.disconnecting
+
+
+def test_chunked_trailers_are_not_request_headers():
+    seen = []
+
+    class Headers(Echo):
+        def handle(self, request):
+            seen.append([n.lower() for n, _ in request.requestHeaders.raw])
+            super().handle(request)
+
+    clock, server, channel, t = connect(router=Headers())
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"2\r\nhi\r\n0\r\nAuthorization: Bearer smuggled\r\n\r\n")
+    assert b"got:hi" in t.value()
+    assert b"authorization" not in seen[0]
+
+
+def test_pipelined_expect_100_continue_is_answered_after_the_answer_before():
+    router = Echo(hold=True)
+    clock, server, channel, t = connect(router=router)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                         b"Expect: 100-continue\r\n\r\n")
+    assert b"100 Continue" not in t.value()
+    router.held[0].write(b"first")
+    router.held[0].finish()
+    assert t.value().endswith(b"HTTP/1.1 100 Continue\r\n\r\n")
