@@ -333,7 +333,8 @@ class HTTPServerProtocol(Protocol):
                           self.headers, body, keep_alive, self.lower, self.request_id,
                           self.content_type)
         self.in_message = False
-        self._reset_message()
+        # The rest of the per-message state is reset when the next begins.
+        self.request_id = b""
         self.queue.append(request)
         if len(self.queue) > PIPELINE_DEPTH and not self.read_paused:
             self.read_paused = True

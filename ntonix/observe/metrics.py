@@ -1,6 +1,7 @@
 """Metrics: one prometheus-client registry per gateway, no global state.
 
-Histograms and counters are observed as requests finish; backend, cache and
+Histograms (kept in plain numbers, built at scrape time) and counters are
+observed as requests finish; backend, cache and
 connection figures are read from the live objects at scrape time by a
 collector, so there is one source for each number. The JSON view of
 ``GET /metrics`` is computed from the same registry.
@@ -8,11 +9,13 @@ collector, so there is one source for each number. The JSON view of
 
 import os
 import resource
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
 
 from ntonix.observe.access import RequestInfo
 from ntonix.routing.breaker import CLOSED, HALF_OPEN, OPEN
@@ -95,30 +98,92 @@ class GatewayCollector:
         yield g("ntonix_cache_entries", "Entries in the cache", value=len(s))
 
 
+class LocalHistogram:
+    """A Prometheus histogram kept in plain Python numbers.
+
+    prometheus-client's histograms take a lock and walk the buckets in
+    Python for every observation; the gateway observes several per request
+    on one thread. Here an observation is a bisect and two additions, and
+    the family is built only when scraped (``collect``), with the same name,
+    labels, buckets and samples.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = (),
+                 buckets: Iterable[float] = LATENCY_BUCKETS) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.bounds = tuple(buckets)
+        self.children: Dict[tuple, "_HistogramChild"] = {}
+
+    def labels(self, *values: str) -> "_HistogramChild":
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = _HistogramChild(self.bounds)
+        return child
+
+    def observe(self, value: float) -> None:
+        self.labels().observe(value)
+
+    def collect(self) -> Iterable[Any]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        for values, child in self.children.items():
+            cumulative, total = [], 0
+            for le, n in zip(les, child.counts):
+                total += n
+                cumulative.append((le, total))
+            family.add_metric(list(values), cumulative, child.sum)
+        yield family
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # Prometheus buckets are "less than or equal": the first bound >= value.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class _Histograms:
+    def __init__(self, histograms: Iterable[LocalHistogram]) -> None:
+        self.histograms = list(histograms)
+
+    def collect(self) -> Iterable[Any]:
+        for h in self.histograms:
+            yield from h.collect()
+
+
 class Metrics:
     def __init__(self, gateway: "Gateway") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("ntonix_requests", "Requests answered",
                                 ["route", "status", "cache"], registry=r)
-        self.latency = Histogram("ntonix_request_duration_seconds",
-                                 "Time from request received to response finished",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("ntonix_time_to_first_token_seconds",
-                              "Time from request received to the first token sent (streams)",
-                              ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.stream_duration = Histogram("ntonix_stream_duration_seconds",
-                                         "Duration of streamed responses", ["route"],
-                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = LocalHistogram("ntonix_request_duration_seconds",
+                                      "Time from request received to response finished",
+                                      ["route"])
+        self.ttft = LocalHistogram("ntonix_time_to_first_token_seconds",
+                                   "Time from request received to the first token sent "
+                                   "(streams)", ["route"])
+        self.stream_duration = LocalHistogram("ntonix_stream_duration_seconds",
+                                              "Duration of streamed responses", ["route"])
         self.chunks = Counter("ntonix_stream_chunks", "Chunks written to streaming clients",
                               ["route"], registry=r)
-        self.overhead = Histogram("ntonix_gateway_overhead_seconds",
-                                  "Time the gateway itself adds: request received to upstream "
-                                  "request sent, plus upstream first byte to client first byte",
-                                  buckets=OVERHEAD_BUCKETS, registry=r)
-        self.backend_latency = Histogram("ntonix_backend_latency_seconds",
-                                         "Backend exchange duration", ["backend"],
-                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = LocalHistogram("ntonix_gateway_overhead_seconds",
+                                       "Time the gateway itself adds: request received to "
+                                       "upstream request sent, plus upstream first byte to "
+                                       "client first byte", buckets=OVERHEAD_BUCKETS)
+        self.backend_latency = LocalHistogram("ntonix_backend_latency_seconds",
+                                              "Backend exchange duration", ["backend"])
+        r.register(_Histograms([self.latency, self.ttft, self.stream_duration, self.overhead,
+                                self.backend_latency]))
         self.active = 0
         self.sites: list = []
         self._children: Dict[tuple, tuple] = {}
