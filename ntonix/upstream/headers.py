@@ -56,7 +56,7 @@ def _dropped(raw: RawHeaders, lower: List[bytes], drop: frozenset) -> frozenset:
 # UUID's. Unique across processes and restarts without a system call per
 # request (os.urandom is one).
 _ID_PREFIX = os.urandom(8).hex().encode()
-_id_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+_id_counter = itertools.count(int.from_bytes(os.urandom(7), "big"))
 
 
 def sane_request_id(given: bytes) -> bytes:
