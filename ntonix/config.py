@@ -86,6 +86,10 @@ class ServerConfig:
         help="most backend response header lines relayed (else 502)")
     idle_timeout_seconds: float = setting(75.0, min=0.001,
                                           restart=True, help="keep-alive connection idle time before close")
+    drain_delay_seconds: float = setting(
+        0.0, min=0, restart=True,
+        help="on SIGTERM, how long readiness answers 503 while requests are still "
+             "accepted, before the listeners close (time for load balancers to stop sending)")
     shutdown_timeout_seconds: float = setting(30.0, cli="--shutdown-timeout", min=0,
                                               restart=True, help="on SIGTERM, how long in-flight requests may finish")
 

@@ -8,6 +8,7 @@ it, SIGHUP reconfigures it, and the admin console shows it.
 from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from ntonix.cache.manager import ResponseCache
@@ -43,6 +44,9 @@ class Gateway:
         self.cache = ResponseCache(config.cache, reactor)
         self.metrics = Metrics(self)
         self.active_relays = 0
+        # Deferreds waiting for the end of the drain delay; None once it ended.
+        self._drain_waiters: Optional[List[Any]] = None
+        self._drain_over = False
         # Every exchange in progress: its response and stream-idle deadlines.
         self.deadlines = DeadlineSweep(reactor, 0.05)
         self.draining = False
@@ -169,6 +173,31 @@ class Gateway:
         self.config = new
         self._set_backends(new.backends)
         return needs_restart
+
+    def begin_draining(self) -> Any:
+        """Shutdown starts: readiness turns to 503 at once, and the returned
+        Deferred fires after ``server.drain_delay_seconds``, when the
+        listeners may close. Every caller gets the same wait."""
+        d: Any = defer.Deferred()
+        if self._drain_over:
+            d.callback(None)
+            return d
+        if self._drain_waiters is None:
+            self.draining = True
+            self._drain_waiters = []
+            delay = self.config.server.drain_delay_seconds
+            if delay > 0:
+                log.info("shutting down: readiness is 503; still accepting for {delay:g}s "
+                         "(server.drain_delay_seconds)", delay=delay)
+            self.reactor.callLater(delay, self._drain_delay_ended)
+        self._drain_waiters.append(d)
+        return d
+
+    def _drain_delay_ended(self) -> None:
+        self._drain_over = True
+        waiters, self._drain_waiters = self._drain_waiters or [], []
+        for d in waiters:
+            d.callback(None)
 
     def close(self) -> Any:
         self.deadlines.stop()

@@ -57,10 +57,14 @@ class ListenerService(Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        if self.gateway is None:
             return port.stopListening()
-        return None
+        # The gateway's listeners keep accepting through the drain delay,
+        # while readiness says 503.
+        return self.gateway.begin_draining().addCallback(lambda _: port.stopListening())
 
 
 class DemoBackendsService(Service):
@@ -117,7 +121,10 @@ class DrainService(Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        self.gateway.draining = True
+        # In-flight requests are drained once the listeners have closed.
+        return self.gateway.begin_draining().addCallback(lambda _: self._drain())
+
+    def _drain(self) -> Any:
         timeout = self.gateway.config.server.shutdown_timeout_seconds
         deadline = self.reactor.seconds() + timeout
         busy_at_start = sum(1 for c in self._channels() if c.busy)

@@ -224,7 +224,8 @@ def build_service(config: cfgmod.Config, reactor: Any,
     if tls is not None:
         # The same site behind TLS: identical routes, limits and streaming.
         ListenerService(reactor, config.server.ssl_port, config.server.bind_address,
-                        TLSMemoryBIOFactory(tls, False, site), "https").setServiceParent(top)
+                        TLSMemoryBIOFactory(tls, False, site), "https",
+                        gateway=gateway).setServiceParent(top)
     top.tls = tls
     return top
 

@@ -43,6 +43,7 @@ FORWARDED = {
 # Metric labels: known paths only, so a scanner cannot blow up cardinality.
 ROUTE_LABELS = {**{p: r for p, r in FORWARDED.items()},
                 b"/v1/models": "models", b"/": "root", b"/health": "health",
+                b"/livez": "health", b"/readyz": "health",
                 b"/backends": "backends", b"/cache/stats": "cache_stats",
                 b"/metrics": "metrics", b"/metrics/prometheus": "metrics"}
 
@@ -61,7 +62,10 @@ class Router:
         self.gateway = gateway
         self.routes: Dict[Tuple[bytes, bytes], Tuple[Handler, str]] = {
             (b"GET", b"/"): (self.root, "this list"),
-            (b"GET", b"/health"): (self.health, "gateway health"),
+            (b"GET", b"/health"): (self.health, "gateway health (readiness)"),
+            (b"GET", b"/livez"): (self.live, "liveness: 200 while the process serves"),
+            (b"GET", b"/readyz"): (self.health, "readiness: 503 when no backend can answer "
+                                   "or the gateway is draining"),
             (b"GET", b"/backends"): (self.backends, "backends and their state"),
             (b"GET", b"/cache/stats"): (self.cache_stats, "response cache counters"),
             (b"GET", b"/metrics"): (self.metrics, "metrics as JSON (Prometheus text on Accept)"),
@@ -148,6 +152,11 @@ class Router:
         send_json(request, {"status": status, "backends_available": up,
                                    "backends_total": total,
                                    "uptime_seconds": round(self.gateway.uptime(), 3)}, code)
+
+    def live(self, request: Request) -> None:
+        # Answering at all is the proof of life; draining is not death.
+        send_json(request, {"status": "alive",
+                            "uptime_seconds": round(self.gateway.uptime(), 3)})
 
     def backends(self, request: Request) -> None:
         now = self.gateway.reactor.seconds()

@@ -80,3 +80,52 @@ async def test_shutdown_timeout_cuts_what_is_left(mocks, gateway_factory):
     assert b"closing 1 request(s) still in flight" in gw.output
     assert reactor.seconds() - start < 5
     await until(lambda: a.stats.disconnects == 1, timeout=2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_turns_readiness_to_503_before_the_listener_closes(mocks, gateway_factory):
+    """What an orchestrator sees: liveness and readiness 200; on SIGTERM
+    readiness turns 503 while requests are still accepted for the drain
+    delay; then the listener closes and the process exits."""
+    a, _ = mocks
+    gw = await gateway_factory("--port", "0", "--backend", a.address,
+                               "--set", "server.drain_delay_seconds=1.5")
+
+    async def get(path):
+        # A new connection each time, as a probe makes.
+        r = await within(http_client().get(gw.url + path), 5)
+        body = await within(r.json(), 5)
+        return r.code, body
+
+    assert await get("/livez") == (200, {"status": "alive", "uptime_seconds": pytest_approx()})
+    assert (await get("/readyz"))[0] == 200
+    gw.terminate("TERM")
+    sent = reactor.seconds()
+    deadline = sent + 1.0
+    while (await get("/readyz"))[0] != 503:
+        assert reactor.seconds() < deadline, "readiness still 200 after SIGTERM"
+    # Still accepting (and serving) while the delay lasts; liveness holds.
+    assert (await get("/livez"))[0] == 200
+    r = await within(http_client().post(gw.url + "/v1/chat/completions", data=chat_body(),
+                                        headers=JSON), 5)
+    assert r.code == 200
+    await r.content()
+    # Then the listener closes, after the delay and not before.
+    while True:
+        try:
+            c = await raw_connect(gw.port)
+        except error.ConnectError:
+            break
+        c.transport.loseConnection()
+        assert reactor.seconds() < sent + 6, "still accepting long after the drain delay"
+    assert reactor.seconds() - sent >= 1.4
+    await within(gw.ended, 10)
+    assert_clean_exit(gw)
+    assert b"readiness is 503" in gw.output
+
+
+class pytest_approx:
+    """Any number (an uptime)."""
+
+    def __eq__(self, other):
+        return isinstance(other, (int, float))
