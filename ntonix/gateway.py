@@ -17,7 +17,7 @@ from ntonix.deadlines import DeadlineSweep
 from ntonix.observe.metrics import Metrics
 from ntonix.routing.backend import Backend
 from ntonix.routing.balancer import make_balancer
-from ntonix.routing.breaker import CircuitBreaker
+from ntonix.routing.breaker import OPEN, CircuitBreaker
 from ntonix.upstream.client import UpstreamClient
 
 log = Logger(namespace="ntonix.gateway")
@@ -68,8 +68,10 @@ class Gateway:
         name = cfg.name
 
         def changed(old: str, new: str, why: str) -> None:
-            log.info("backend {backend} circuit {old} -> {new}: {reason}",
-                     backend=name, old=old, new=new, reason=why)
+            # An opening circuit is a backend lost to traffic: worth a WARN.
+            (log.warn if new == OPEN else log.info)(
+                "backend {backend} circuit {old} -> {new}: {reason}",
+                backend=name, old=old, new=new, reason=why)
 
         h = self.config.health
         breaker = CircuitBreaker(h.failure_threshold, h.recovery_seconds,

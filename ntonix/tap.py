@@ -3,6 +3,7 @@
 import gc
 import json
 import os
+import sys
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import MultiService
@@ -12,16 +13,17 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from ntonix import config as cfgmod
+from ntonix._version import __version__
 from ntonix.config import ConfigError, Raw
 from ntonix.cache.manager import CacheSweeper
 from ntonix.console import make_console_factory
 from ntonix.gateway import Gateway
-from ntonix.http.server import GatewayServer, Limits
-from ntonix.sockets import listen_direct
 from ntonix.http.routes import Router
+from ntonix.http.server import GatewayServer, Limits
 from ntonix.observe.logs import make_observer
 from ntonix.routing.health import HealthChecker
 from ntonix.services import DemoBackendsService, DrainService, ListenerService, ReloadService
+from ntonix.sockets import listen_direct
 from ntonix.tls import ServerTLS, tls_wanted
 
 log = Logger(namespace="ntonix.config")
@@ -71,6 +73,11 @@ class Options(usage.Options):
     def getUsage(self, width: Optional[int] = None) -> str:
         # Appended as is: Options would re-wrap a longdesc into one paragraph.
         return super().getUsage(width) + "\n" + _settings_reference() + "\n"
+
+    def opt_version(self) -> None:
+        """print NTONIX's version and exit"""
+        sys.stdout.write(f"ntonix {__version__}\n")
+        raise SystemExit(0)
 
     def opt_backend(self, spec: str) -> None:
         """a backend HOST:PORT[:WEIGHT]; repeat for several (env NTONIX_BACKENDS)

@@ -24,7 +24,13 @@ from ntonix.http.validate import (
     check_content_type,
     decode_json_body,
 )
-from ntonix.observe.access import CLIENT_CLOSED, UPSTREAM_ERROR, RequestInfo, log_access
+from ntonix.observe.access import (
+    CLIENT_CLOSED,
+    GATEWAY_ERROR,
+    UPSTREAM_ERROR,
+    RequestInfo,
+    log_access,
+)
 from ntonix.upstream.headers import sane_request_id, upstream_header_block
 from ntonix.upstream.relay import ClientSink, Exchange
 
@@ -113,8 +119,11 @@ class Router:
             info.finished_at = gw.reactor.seconds()
             if result is not None:  # the connection went away first
                 info.outcome = CLIENT_CLOSED
-            elif info.upstream_failed:
+            elif info.upstream_failed or (request.code >= 500 and info.backend):
+                # A 5xx relayed from the backend is its failure too.
                 info.outcome = UPSTREAM_ERROR
+            elif request.code >= 500:
+                info.outcome = GATEWAY_ERROR
             try:
                 if gw.access_log_enabled:
                     log_access(info, request.code, request.sent_length)

@@ -7,7 +7,8 @@ from twisted.logger import Logger
 
 access_log = Logger(namespace="ntonix.access")
 
-OK, CLIENT_CLOSED, UPSTREAM_ERROR = "ok", "client_closed", "upstream_error"
+OK, CLIENT_CLOSED, UPSTREAM_ERROR, GATEWAY_ERROR = (
+    "ok", "client_closed", "upstream_error", "gateway_error")
 
 
 @attrs.define

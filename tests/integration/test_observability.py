@@ -143,6 +143,32 @@ async def test_client_disconnect_marked_in_access_log(tmp_path, mocks, gateway_f
 
 
 @pytest_twisted.ensureDeferred
+async def test_relayed_5xx_is_an_upstream_error_and_an_opening_circuit_a_warning(
+        tmp_path, mocks, gateway_factory):
+    a, _ = mocks
+    a.knobs.fail_rate = 1.0  # every answer a 500
+    log_path = tmp_path / "ntonix.log"
+    gw = await gateway_factory("--backend", a.address, "--log-file", str(log_path),
+                               "--set", "proxy.retries=0", "--set", "health.failure_threshold=2",
+                               "--set", "health.interval_seconds=3600", port=free_port())
+    for i in range(2):
+        r = await post(gw, chat_body(f"fails {i}"), headers={b"X-Request-ID": [b"fail-%d" % i]})
+        assert r.code == 500
+        await r.content()
+
+    def records():
+        if not log_path.exists():
+            return []
+        return [json.loads(line) for line in log_path.read_text().splitlines() if line]
+
+    await until(lambda: any(rec.get("request_id") == "fail-1" for rec in records()), timeout=5)
+    events = {rec["request_id"]: rec for rec in records() if rec.get("request_id")}
+    assert events["fail-0"]["status"] == 500 and events["fail-0"]["outcome"] == "upstream_error"
+    opened = [rec for rec in records() if "circuit closed -> open" in rec["message"]]
+    assert opened and opened[0]["level"] == "warn", records()
+
+
+@pytest_twisted.ensureDeferred
 async def test_upstream_error_marked_and_level_filter(tmp_path, mocks, gateway_factory):
     a, _ = mocks
     await a.kill()

@@ -77,6 +77,14 @@ async def test_port_in_use_is_one_line(mocks):
 
 
 @pytest_twisted.ensureDeferred
+async def test_version_flag_prints_the_version():
+    from ntonix._version import __version__
+
+    proc = await run_to_exit(["--version"])
+    assert proc.output.decode().strip() == f"ntonix {__version__}"
+
+
+@pytest_twisted.ensureDeferred
 async def test_help_lists_every_option_with_default():
     proc = await run_to_exit(["--help"])
     out = proc.output.decode()
