@@ -288,8 +288,11 @@ class MockLLM(Resource):
             ("POST", "/v1/chat/completions"): lambda r: self._generate(r, "chat"),
             ("POST", "/v1/completions"): lambda r: self._generate(r, "completions"),
             ("POST", "/v1/embeddings"): self._embeddings,
+            ("POST", "/v1/responses"): self._responses,
         }
         handler = routes.get((method, path))
+        if handler is None and method == "GET" and path.startswith("/v1/models/"):
+            return self._model(request, path[len("/v1/models/"):])
         if handler is None:
             known = {p for (_, p) in routes}
             if path in known:
@@ -351,6 +354,43 @@ class MockLLM(Resource):
         return self._json(request, {"object": "list", "data": [
             {"id": self.knobs.model, "object": "model", "created": CREATED,
              "owned_by": "ntonix-mock"}]})
+
+    def _model(self, request: server.Request, model_id: str) -> bytes:
+        if model_id != self.knobs.model:
+            return self._error(request, 404, f"The model '{model_id}' does not exist",
+                               "invalid_request_error", "model_not_found")
+        return self._json(request, {"id": self.knobs.model, "object": "model",
+                                    "created": CREATED, "owned_by": "ntonix-mock"})
+
+    def _responses(self, request: server.Request) -> bytes:
+        """The Responses API, not streamed: one output message."""
+        body = self._read_json(request)
+        if body is None:
+            return self._error(request, 400, "request body must be a JSON object",
+                               "invalid_request_error", "invalid_json")
+        model = body.get("model") or self.knobs.model
+        text = json.dumps(body.get("input"), sort_keys=True)
+        seed = answer_seed(model, text)
+        n = body.get("max_output_tokens")
+        n_tokens = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 \
+            else self.knobs.tokens
+        rng = random.Random(seed)
+        content = " ".join(rng.choice(VOCAB) for _ in range(n_tokens))
+        prompt_tokens = len(text.split())
+        return self._json(request, {
+            "id": f"resp_{seed:016x}", "object": "response", "created_at": CREATED,
+            "status": "completed", "model": model, "error": None,
+            "incomplete_details": None, "instructions": None, "metadata": {},
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+            "output": [{"type": "message", "id": f"msg_{seed:016x}", "status": "completed",
+                        "role": "assistant",
+                        "content": [{"type": "output_text", "text": content,
+                                     "annotations": []}]}],
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": n_tokens,
+                      "total_tokens": prompt_tokens + n_tokens,
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}}})
 
     def _track(self, request: server.Request) -> None:
         self.stats.active += 1

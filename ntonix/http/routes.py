@@ -5,7 +5,7 @@ Every answer, 404 and 405 included, is JSON, every answer carries
 """
 
 import json
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import treq
 from twisted.internet import defer
@@ -92,6 +92,13 @@ class Router:
         path = request.path
         method = b"GET" if request.method == b"HEAD" else request.method
         entry = self.routes.get((method, path))
+        if entry is None and method == b"GET" and path.startswith(b"/v1/models/"):
+            return self.model(request, path[len(b"/v1/models/"):])
+        if entry is None and self._passes_through(request.method, path):
+            # The rest of the OpenAI surface (and what servers add to it) goes
+            # to a backend as it is: streamed, retried before the first byte,
+            # never cached.
+            return self._passthrough(request)
         if entry is None:
             allowed = sorted(m.decode() for (m, p) in self.routes if p == path)
             if allowed:
@@ -110,7 +117,8 @@ class Router:
             request_id=request_id.decode("ascii"), method=request.method.decode("latin-1"),
             path=path.decode("latin-1"), client=request.client_ip,
             received_at=gw.reactor.seconds(),
-            route=ROUTE_LABELS.get(path, "unknown"))
+            route=ROUTE_LABELS.get(path) or (
+                "passthrough" if self._passes_through(request.method, path) else "unknown"))
         request.info = info
         gw.metrics.active += 1
 
@@ -132,7 +140,8 @@ class Router:
                 log.failure("accounting request {request_id}", request_id=info.request_id)
 
         request.when_done(done)
-        if request.method != b"POST" or path not in FORWARDED:
+        if (request.method != b"POST" or path not in FORWARDED) \
+                and not self._passes_through(request.method, path):
             # Answers made here: their head is written now, with no upstream.
             request.setHeader(b"Server-Timing", info.timing(gw.reactor.seconds()).encode())
 
@@ -174,6 +183,22 @@ class Router:
 
     def models(self, request: Request) -> None:
         """Ask every available backend, merge their lists, drop duplicates."""
+
+        def answer(models: Optional[Dict[str, Any]]) -> None:
+            if request.disconnected:
+                return
+            if models is None:
+                send_error(request, 502, "no backend answered GET /v1/models",
+                           "upstream_unreachable")
+            else:
+                send_json(request, {"object": "list", "data": list(models.values())})
+
+        self._merged_models(request, answer)
+
+    def _merged_models(self, request: Request,
+                       then: Callable[[Optional[Dict[str, Any]]], None]) -> None:
+        """``then(models by id)`` from every available backend's list, or
+        ``then(None)`` when none answered; 503 at once when none is available."""
         live = [b for b in self.gateway.backends if b.available]
         if not live:
             request.setHeader(b"Retry-After", b"1")
@@ -202,17 +227,29 @@ class Router:
                     for m in doc["data"]:
                         if isinstance(m, dict) and isinstance(m.get("id"), str):
                             seen.setdefault(m["id"], m)
-            if request.disconnected:
-                return
-            if not answered:
-                send_error(request, 502, "no backend answered GET /v1/models",
-                           "upstream_unreachable")
-            else:
-                send_json(request, {"object": "list", "data": list(seen.values())})
+            then(seen if answered else None)
 
         dl = defer.DeferredList([ask(b) for b in live], consumeErrors=True)
         dl.addCallback(merged)
         dl.addErrback(lambda f: log.failure("merging models", f))
+
+    def model(self, request: Request, model_id: bytes) -> None:
+        """One model, from the merged list of every available backend."""
+        wanted = model_id.decode("utf-8", "replace")
+
+        def found(models: Optional[Dict[str, Any]]) -> None:
+            if request.disconnected:
+                return
+            if models is None:
+                send_error(request, 502, "no backend answered GET /v1/models",
+                           "upstream_unreachable")
+            elif wanted in models:
+                send_json(request, models[wanted])
+            else:
+                send_error(request, 404, f"The model {wanted!r} does not exist",
+                           "model_not_found")
+
+        self._merged_models(request, found)
 
     def cache_stats(self, request: Request) -> None:
         send_json(request, self.gateway.cache.as_json())
@@ -242,6 +279,23 @@ class Router:
                 return send_error(request, e.status, e.message, e.code)
             self._forward(request, route, doc, request.body)
         return forward
+
+    def _passes_through(self, method: bytes, path: bytes) -> bool:
+        """Whether a request is relayed as it is: any method but HEAD (whose
+        answer has no body to relay) on a /v1/ path the table does not name
+        and that is not a model's own page."""
+        return (path.startswith(b"/v1/") and method != b"HEAD"
+                and path not in ROUTE_LABELS
+                and not (method == b"GET" and path.startswith(b"/v1/models/")))
+
+    def _passthrough(self, request: Request) -> None:
+        headers = upstream_header_block(request.requestHeaders.raw, request.requestHeaders.lower,
+                                        request.client_ip, request.request_id, request.secure,
+                                        len(request.body))
+        exchange = Exchange(self.gateway, request.method, request.uri, headers, request.body,
+                            request.request_id, False, ClientSink(request), info=request.info)
+        exchange.sink.exchange = exchange
+        exchange.start()
 
     def _forward(self, request: Request, route: str, doc: dict, body: bytes) -> None:
         gw = self.gateway

@@ -190,7 +190,7 @@ async def test_client_errors_are_openai_json(mocks, gateway_factory):
                                "--set", "server.max_body_bytes=4000")
     http = http_client()
     url = gw.url + "/v1/chat/completions"
-    e = await error_of(await http.get(gw.url + "/v1/nothing"), 404)
+    e = await error_of(await http.get(gw.url + "/nothing"), 404)
     assert e["code"] == "not_found"
     r = await http.get(url)
     e = await error_of(r, 405)
