@@ -99,10 +99,11 @@ class BackendConfig:
     host: str = setting(help="backend host name or address")
     port: int = setting(min=1, max=65535, help="backend port")
     weight: int = setting(1, min=1, max=1000, help="share of traffic relative to the others")
+    tls: bool = setting(False, help="speak HTTPS to the backend (an https:// URL)")
 
     @property
     def name(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"https://{self.host}:{self.port}" if self.tls else f"{self.host}:{self.port}"
 
 
 @frozen
@@ -163,6 +164,9 @@ class ProxyConfig:
     # Below uvicorn's (vLLM's) 5 s keep-alive, so the gateway closes an idle
     # connection before the backend does and never writes into a closed one.
     pool_idle_seconds: float = setting(4.0, min=0.001, help="close pooled connections idle this long")
+    ca_file: str = setting("", restart=True,
+                           help="PEM file of the CAs that HTTPS backends' certificates are "
+                                "checked against (empty: the system's)")
 
 
 @frozen
@@ -376,11 +380,25 @@ def _coerce(key: str, f: attrs.Attribute, raw: Raw) -> Any:
     return v
 
 
-def parse_backend_spec(spec: str) -> Tuple[str, int, int]:
-    """``host:port[:weight]`` → parts; ValueError with the reason."""
-    parts = spec.strip().split(":")
+def parse_backend_spec(spec: str) -> Tuple[str, int, int, bool]:
+    """``host:port[:weight]`` or ``http(s)://host[:port][:weight]`` → (host,
+    port, weight, tls); ValueError with the reason."""
+    spec = spec.strip()
+    tls = False
+    if "://" in spec:
+        scheme, _, rest = spec.partition("://")
+        if scheme.lower() not in ("http", "https"):
+            raise ValueError(f"scheme {scheme!r} is not http or https")
+        tls = scheme.lower() == "https"
+        if "/" in rest.rstrip("/"):
+            raise ValueError("a backend URL has no path: give http(s)://host:port")
+        rest = rest.rstrip("/")
+        if rest.count(":") == 0:
+            rest += ":443" if tls else ":80"
+        spec = rest
+    parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[0]:
-        raise ValueError("expected host:port[:weight]")
+        raise ValueError("expected host:port[:weight] or http(s)://host:port[:weight]")
     host = parts[0]
     try:
         port = int(parts[1], 10)
@@ -396,7 +414,7 @@ def parse_backend_spec(spec: str) -> Tuple[str, int, int]:
             raise ValueError("weight is not an integer") from None
         if weight < 1:
             raise ValueError("weight must be at least 1")
-    return host, port, weight
+    return host, port, weight, tls
 
 
 def _backends_from(raw: Raw, errors: List[str]) -> List[BackendConfig]:
@@ -405,11 +423,11 @@ def _backends_from(raw: Raw, errors: List[str]) -> List[BackendConfig]:
         specs = [s for s in str(raw.value).split(",") if s.strip()]
         for spec in specs:
             try:
-                host, port, weight = parse_backend_spec(spec)
+                host, port, weight, tls = parse_backend_spec(spec)
             except ValueError as e:
                 errors.append(f"backends = {_show(spec.strip())} ({raw.source}): {e}")
                 continue
-            out.append(BackendConfig(host, port, weight))
+            out.append(BackendConfig(host, port, weight, tls))
         return out
     if not isinstance(raw.value, list):
         errors.append(_problem("backends", raw, "expected a list of {host, port, weight}"))
@@ -426,10 +444,10 @@ def _backends_from(raw: Raw, errors: List[str]) -> List[BackendConfig]:
             errors.append(f"{where} = {_show(item)} ({raw.source}): "
                           "expected an object with host and port")
             continue
-        unknown = set(item) - {"host", "port", "weight"}
+        unknown = set(item) - {"host", "port", "weight", "tls"}
         if unknown:
             errors.append(f"{where}.{sorted(unknown)[0]} ({raw.source}): unknown key; "
-                          "expected host, port, weight")
+                          "expected host, port, weight, tls")
             continue
         values = {}
         before = len(errors)

@@ -40,6 +40,7 @@ class Gateway:
             connect_timeout=config.proxy.connect_timeout_seconds,
             max_head_bytes=config.server.max_upstream_head_bytes,
             max_headers=config.server.max_upstream_headers,
+            ca_file=config.proxy.ca_file,
         )
         self.cache = ResponseCache(config.cache, reactor)
         self.metrics = Metrics(self)
@@ -76,7 +77,8 @@ class Gateway:
         h = self.config.health
         breaker = CircuitBreaker(h.failure_threshold, h.recovery_seconds,
                                  now=self.reactor.seconds, on_change=changed)
-        return Backend(host=cfg.host, port=cfg.port, weight=cfg.weight, breaker=breaker)
+        return Backend(host=cfg.host, port=cfg.port, weight=cfg.weight, breaker=breaker,
+                       tls=cfg.tls)
 
     def _set_backends(self, configs: Sequence[BackendConfig]) -> None:
         """Make ``configs`` (plus the run-time ones) the backend list.

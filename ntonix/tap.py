@@ -25,6 +25,7 @@ from ntonix.routing.health import HealthChecker
 from ntonix.services import DemoBackendsService, DrainService, ListenerService, ReloadService
 from ntonix.sockets import listen_direct
 from ntonix.tls import ServerTLS, tls_wanted
+from ntonix.upstream.client import TrustError
 
 log = Logger(namespace="ntonix.config")
 
@@ -203,7 +204,10 @@ def build_service(config: cfgmod.Config, reactor: Any,
         except ConfigError as e:
             raise config_exit(e) from None
     top = GatewayService(make_observer(config.logging, daemon_log=daemon_log, reactor=reactor))
-    gateway = Gateway(config, reactor)
+    try:
+        gateway = Gateway(config, reactor)
+    except TrustError as e:
+        raise config_exit(ConfigError([str(e)])) from None
     top.gateway = gateway
     limits = Limits.from_config(config.server)
     site = GatewayServer(Router(gateway), limits, reactor)

@@ -26,20 +26,22 @@ class Backend:
     latency_total: float = 0.0
     latency_count: int = 0
     last_error: Optional[str] = None
+    tls: bool = False  # HTTPS to the backend
     # Derived from host and port (which never change: they are the
     # backend's identity), computed once rather than per request.
     name: str = attrs.field(init=False)
     host_header: bytes = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.name = f"{self.host}:{self.port}"
+        self.name = f"https://{self.host}:{self.port}" if self.tls else f"{self.host}:{self.port}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = f"{host}:{self.port}".encode("idna")
 
     @property
     def base_url(self) -> bytes:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}".encode("idna")
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{host}:{self.port}".encode("idna")
 
     @property
     def state(self) -> str:
@@ -71,6 +73,7 @@ class Backend:
         b = self.breaker
         return {
             "name": self.name, "host": self.host, "port": self.port, "weight": self.weight,
+            "tls": self.tls,
             "state": self.state, "circuit": b.state, "reason": b.reason,
             "state_changed_at": b.changed_at, "opened_at": b.opened_at, "retry_at": b.retry_at,
             "consecutive_failures": b.failures,

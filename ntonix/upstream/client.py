@@ -24,13 +24,15 @@ from ipaddress import ip_address
 from typing import Any, Dict, List, Optional
 
 from treq.client import HTTPClient
-from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
 from ntonix.sockets import connect_direct
 from ntonix.upstream.connection import UpstreamConnection
@@ -49,6 +51,42 @@ class NoCookies(CookieJar):
         pass
 
 
+class TrustError(ValueError):
+    """``proxy.ca_file`` cannot be used; the message says why, in one line."""
+
+
+def load_trust_root(ca_file: str) -> Any:
+    """The CAs that HTTPS backends are checked against: those in the PEM
+    file ``ca_file``, or the system's when it is empty."""
+    if not ca_file:
+        return ssl.platformTrust()
+    try:
+        with open(ca_file, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise TrustError(f'proxy.ca_file = "{ca_file}": cannot read it: {e.strerror}') from None
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [b + marker for b in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
+    try:
+        certificates = [ssl.Certificate.loadPEM(b) for b in blocks]
+    except Exception:
+        certificates = []
+    if not certificates:
+        raise TrustError(f'proxy.ca_file = "{ca_file}": no PEM certificate in it')
+    return ssl.trustRootFromCertificates(certificates)
+
+
+@implementer(IPolicyForHTTPS)
+class _TrustPolicy:
+    """The control plane's HTTPS checks, against the same CAs as the data plane."""
+
+    def __init__(self, client: "UpstreamClient") -> None:
+        self.client = client
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return self.client.tls_options(hostname.decode("idna"))
+
+
 class UpstreamRequest:
     """One request on its way to one backend.
 
@@ -57,11 +95,12 @@ class UpstreamRequest:
     """
 
     __slots__ = ("client", "host", "port", "name", "data", "receiver", "connection",
-                 "connecting", "reused", "done")
+                 "connecting", "reused", "done", "tls")
 
     def __init__(self, client: "UpstreamClient", host: str, port: int, name: str, data: bytes,
-                 receiver: Any) -> None:
+                 receiver: Any, tls: bool = False) -> None:
         self.client = client
+        self.tls = tls
         self.host = host
         self.port = port
         self.name = name
@@ -149,8 +188,11 @@ class UpstreamClient:
 
     def __init__(self, reactor: Any, pool_size_per_backend: int, pool_idle_seconds: float,
                  connect_timeout: float, max_head_bytes: int = 32 * 1024,
-                 max_headers: int = 100) -> None:
+                 max_headers: int = 100, ca_file: str = "") -> None:
         self.reactor = reactor
+        # HTTPS backends: checked against these CAs, SNI and name per host.
+        self.trust = load_trust_root(ca_file)
+        self._tls_options: Dict[str, Any] = {}
         # Bounds on a backend's response head (server.max_upstream_*).
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers
@@ -167,7 +209,17 @@ class UpstreamClient:
         self.control_pool = HTTPConnectionPool(reactor, persistent=True)
         self.control_pool.maxPersistentPerHost = 2
         self.control_pool._factory.noisy = False
-        self.treq = HTTPClient(Agent(reactor, pool=self.control_pool), cookiejar=NoCookies())
+        self.treq = HTTPClient(Agent(reactor, contextFactory=_TrustPolicy(self),
+                                     pool=self.control_pool), cookiejar=NoCookies())
+
+    def tls_options(self, host: str) -> Any:
+        """Client TLS for ``host``: SNI, certificate checked against
+        ``self.trust`` and for that name (or address)."""
+        options = self._tls_options.get(host)
+        if options is None:
+            options = self._tls_options[host] = ssl.optionsForClientTLS(
+                host, trustRoot=self.trust)
+        return options
 
     def reconfigure(self, pool_size_per_backend: int, pool_idle_seconds: float,
                     connect_timeout: float) -> None:
@@ -183,10 +235,10 @@ class UpstreamClient:
         return len(self.idle.get(backend_name, ()))
 
     def forward(self, host: str, port: int, name: str, data: bytes,
-                receiver: Any) -> UpstreamRequest:
+                receiver: Any, tls: bool = False) -> UpstreamRequest:
         """Send ``data`` (a whole request) to the backend; the answer goes to
         ``receiver``."""
-        request = UpstreamRequest(self, host, port, name, data, receiver)
+        request = UpstreamRequest(self, host, port, name, data, receiver, tls)
         idle = self.idle.get(name)
         if idle:
             limit = self.reactor.seconds() - self.idle_seconds
@@ -205,11 +257,16 @@ class UpstreamClient:
         self.opened[request.name] += 1
         factory = _ConnectFactory(self, request)
         try:
+            if request.tls:
+                raise ValueError("through an endpoint")
             ip_address(request.host)
         except ValueError:
-            # A name: resolved per connection (the pool keeps them few).
-            ep = HostnameEndpoint(self.reactor, request.host.encode("idna"), request.port,
-                                  timeout=self.connect_timeout)
+            # A name (resolved per connection: the pool keeps them few), or
+            # HTTPS (Twisted's TLS over a plain endpoint).
+            ep: Any = HostnameEndpoint(self.reactor, request.host.encode("idna"), request.port,
+                                       timeout=self.connect_timeout)
+            if request.tls:
+                ep = wrapClientTLS(self.tls_options(request.host), ep)
             d = ep.connect(factory)
             request.connecting = d
 

@@ -248,7 +248,8 @@ class Exchange:
         self.deadline_at = self.attempt_started + wait
         data = b"".join((request_line(self.method, self.path, backend.host_header),
                          self.header_block, self.body))
-        self.pending = gw.upstream.forward(backend.host, backend.port, backend.name, data, self)
+        self.pending = gw.upstream.forward(backend.host, backend.port, backend.name, data, self,
+                                           backend.tls)
 
     def _release(self, verdict: Optional[bool], why: Optional[str] = None) -> None:
         """Account the current attempt with its backend, once.

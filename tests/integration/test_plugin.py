@@ -49,7 +49,7 @@ async def test_env_backends_override_file(tmp_path, mocks, gateway_factory):
     ([], {}, {"server": {"port": "eighty"}},
      'server.port = "eighty" (config file {cfg}): expected an integer'),
     ([], {"NTONIX_BACKENDS": "nohost"}, None,
-     'backends = "nohost" (environment NTONIX_BACKENDS): expected host:port[:weight]'),
+     'backends = "nohost" (environment NTONIX_BACKENDS): expected host:port[:weight] or http(s)://host:port[:weight]'),
     (["--set", "cache.scope=everyone"], {}, None,
      'cache.scope = "everyone" (--set cache.scope): must be one of credential, global'),
 ])
