@@ -25,7 +25,7 @@ from twisted.internet import defer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from proxy_bench import (  # noqa: E402
-    bench_main, connect, pct, start_children, stop_children, throughput)
+    ADMIN_AUTH, bench_main, connect, pct, start_children, stop_children, throughput)
 
 
 def zipf_workload(n: int, pool: int, s: float, seed: int) -> List[Tuple[int, bool]]:
@@ -54,7 +54,7 @@ async def get_json(reactor: Any, port: int, path: str) -> Any:
         orig(data)
 
     c.dataReceived = keep
-    await c.request(b"GET %s HTTP/1.1\r\nHost: b\r\n\r\n" % path.encode())
+    await c.request(b"GET %s HTTP/1.1\r\nHost: b\r\n%s\r\n" % (path.encode(), ADMIN_AUTH))
     c.transport.loseConnection()
     body = c.captured.partition(b"\r\n\r\n")[2]
     if b"\r\n" in body.split(b"{", 1)[0]:  # chunked

@@ -237,15 +237,21 @@ async def start_children(reactor: Any, mock_args: List[str], extra_gateway_args:
     return mock, mock_port, gw, gw_port
 
 
+ADMIN_AUTH = b"Authorization: Bearer bench\r\n"
+
+
 async def start_gateway(reactor: Any, mock_port: int, args: List[str],
                         twistd: Optional[str] = None, prefix: Sequence[str] = (),
                         output: Optional[str] = None) -> Tuple[Child, int]:
     """``twistd ntonix`` in front of the mock; ``twistd``: another install's
     (this venv's by default); ``prefix``: a command that runs it (taskset);
     ``output``: a file for its stdout and stderr (else a pipe to this process)."""
+    # This tree's gateway: no admin listener (several run at once), its admin
+    # routes on the public port to the bench's token (ADMIN_AUTH).
+    admin = [] if twistd else ["--set", "admin.http_port=-1", "--set", "admin.token=bench"]
     return await start_twistd(reactor, "gateway", lambda port: [
         "ntonix", "--port", str(port), "--bind", "127.0.0.1",
-        "--backend", f"127.0.0.1:{mock_port}", *args], twistd, prefix, output)
+        "--backend", f"127.0.0.1:{mock_port}", *admin, *args], twistd, prefix, output)
 
 
 async def start_twistd(reactor: Any, what: str, argv: Callable[[int], List[str]],

@@ -184,6 +184,13 @@ class AdminConfig:
     user: str = setting("admin", restart=True, help="console user name")
     authorized_keys: str = setting("", restart=True, help="authorized_keys file for the console")
     host_key: str = setting("", restart=True, help="SSH host private key file")
+    http_port: int = setting(
+        9180, min=-1, max=65535, restart=True,
+        help="port of the admin HTTP listener (/metrics, /backends, /cache/stats); 0 picks a "
+             "free one, -1 none")
+    http_bind: str = setting("127.0.0.1", restart=True, help="admin HTTP listener bind address")
+    token: str = setting("", help="bearer token that opens the admin routes on the public "
+                                  "port too (empty: they are only on the admin listener)")
 
 
 @frozen

@@ -230,6 +230,11 @@ def build_service(config: cfgmod.Config, reactor: Any,
         ListenerService(reactor, config.admin.port, config.admin.bind, console,
                         "admin console (ssh)").setServiceParent(top)
     DrainService(reactor, gateway, [site]).setServiceParent(top)
+    if config.admin.http_port >= 0:
+        # The internals, on their own listener (loopback by default).
+        admin_site = GatewayServer(Router(gateway, admin=True), limits, reactor)
+        ListenerService(reactor, config.admin.http_port, config.admin.http_bind, admin_site,
+                        "admin api").setServiceParent(top)
     ListenerService(reactor, config.server.port, config.server.bind_address, site,
                     "http", listen=listen_direct(reactor), gateway=gateway).setServiceParent(top)
     if tls is not None:

@@ -4,6 +4,7 @@ Every answer, 404 and 405 included, is JSON, every answer carries
 ``X-Request-ID``, and the table is the list that ``GET /`` shows.
 """
 
+import hmac
 import json
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
@@ -63,9 +64,15 @@ def send_json(request: Request, obj: Any, status: int = 200) -> None:
     request.finish()
 
 
+# The gateway's internals: served on the admin listener, and on the public
+# port only to a request bearing admin.token.
+ADMIN_PATHS = frozenset({b"/metrics", b"/metrics/prometheus", b"/backends", b"/cache/stats"})
+
+
 class Router:
-    def __init__(self, gateway: "Gateway") -> None:
+    def __init__(self, gateway: "Gateway", admin: bool = False) -> None:
         self.gateway = gateway
+        self.admin = admin  # the admin listener's router: internals, no API
         self.routes: Dict[Tuple[bytes, bytes], Tuple[Handler, str]] = {
             (b"GET", b"/"): (self.root, "this list"),
             (b"GET", b"/health"): (self.health, "gateway health (readiness)"),
@@ -92,6 +99,12 @@ class Router:
         path = request.path
         method = b"GET" if request.method == b"HEAD" else request.method
         entry = self.routes.get((method, path))
+        if self.admin:
+            if path.startswith(b"/v1/"):
+                return send_error(request, 404, "the API is served on the public port, not "
+                                  "the admin listener", "not_found")
+        elif path in ADMIN_PATHS and not self._admin_allowed(request):
+            return None
         if entry is None and method == b"GET" and path.startswith(b"/v1/models/"):
             return self.model(request, path[len(b"/v1/models/"):])
         if entry is None and self._passes_through(request.method, path):
@@ -279,6 +292,23 @@ class Router:
                 return send_error(request, e.status, e.message, e.code)
             self._forward(request, route, doc, request.body)
         return forward
+
+    def _admin_allowed(self, request: Request) -> bool:
+        """On the public port, an admin route needs admin.token; answers and
+        returns False when it is not given."""
+        token = self.gateway.config.admin.token
+        if not token:
+            send_error(request, 404, f"{request.path.decode('latin-1')} is served on the admin "
+                       "listener (admin.http_port), or here with admin.token", "not_found")
+            return False
+        given = request.getHeader(b"authorization") or b""
+        expected = b"Bearer " + token.encode()
+        if not hmac.compare_digest(given, expected):
+            request.setHeader(b"WWW-Authenticate", b"Bearer")
+            send_error(request, 401, "the admin routes need Authorization: Bearer <admin.token>",
+                       "invalid_admin_token")
+            return False
+        return True
 
     def _passes_through(self, method: bytes, path: bytes) -> bool:
         """Whether a request is relayed as it is: any method but HEAD (whose

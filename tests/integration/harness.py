@@ -96,6 +96,7 @@ class GatewayProcess(protocol.ProcessProtocol):
         self.listening: defer.Deferred = defer.Deferred()
         self.ended: defer.Deferred = defer.Deferred()
         self.port: Optional[int] = None
+        self.admin_port: Optional[int] = None
         self.exit_code: Optional[int] = None
 
     def outReceived(self, data: bytes) -> None:
@@ -118,6 +119,11 @@ class GatewayProcess(protocol.ProcessProtocol):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin listener (/metrics, /backends, /cache/stats)."""
+        return f"http://127.0.0.1:{self.admin_port}"
 
     def terminate(self, sig: str = "TERM") -> None:
         try:
@@ -173,6 +179,10 @@ async def start_gateway(args: List[str], env: Optional[Dict[str, str]] = None,
     proc = GatewayProcess()
     if port is not None:
         args = [*args, "--port", str(port)]
+    if not any("admin.http_port" in a for a in args):
+        # Its own admin port: gateways of one test run side by side.
+        proc.admin_port = free_port()
+        args = [*args, "--set", f"admin.http_port={proc.admin_port}"]
     argv = twistd_argv(args)
     reactor.spawnProcess(proc, argv[0], argv, env=gateway_env(env), path=cwd)
     try:

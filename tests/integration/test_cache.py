@@ -24,7 +24,7 @@ def header(r, name):
 
 
 async def stats(gw):
-    return await (await http_client().get(gw.url + "/cache/stats")).json()
+    return await (await http_client().get(gw.admin_url + "/cache/stats")).json()
 
 
 @pytest_twisted.ensureDeferred

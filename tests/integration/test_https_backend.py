@@ -48,11 +48,11 @@ async def test_https_backend_checked_against_ca_file(tls_backend, gateway_factor
     r = await within(http_client().get(gw.url + "/v1/models"), 10)
     assert r.code == 200 and (await r.json())["data"][0]["id"] == "mock-llm"
     await until(lambda: tls_backend.resource.stats.by_path.get("/health", 0) >= 2, timeout=5)
-    r = await within(http_client().get(gw.url + "/backends"), 5)
+    r = await within(http_client().get(gw.admin_url + "/backends"), 5)
     [b] = (await r.json())["backends"]
     assert b["tls"] is True and b["state"] == "healthy"
     # Pooled: one connection carried the requests made one at a time.
-    r = await within(http_client().get(gw.url + "/metrics/prometheus"), 5)
+    r = await within(http_client().get(gw.admin_url + "/metrics/prometheus"), 5)
     text = (await r.content()).decode()
     opened = [line for line in text.splitlines()
               if line.startswith("ntonix_backend_connections_opened_total")]

@@ -43,7 +43,7 @@ async def test_known_sequence_gives_exact_counts(mocks, gateway_factory):
     await r.content()
     assert r.code == 404
 
-    doc = await (await http_client().get(gw.url + "/metrics")).json()
+    doc = await (await http_client().get(gw.admin_url + "/metrics")).json()
     assert (doc["requests_total"], doc["requests_success"], doc["requests_error"]) == (6, 4, 2)
     assert (doc["cache_hits"], doc["cache_misses"], doc["cache_hit_rate"]) == (1, 1, 0.5)
     assert doc["requests_active"] == 1  # this one
@@ -53,10 +53,10 @@ async def test_known_sequence_gives_exact_counts(mocks, gateway_factory):
     assert (b["host"], b["requests"], b["errors"], b["error_rate"]) == ("127.0.0.1", 3, 0, 0.0)
     assert b["latency_avg_ms"] > 0
 
-    r = await http_client().get(gw.url + "/metrics", headers={b"Accept": [PROMETHEUS_ACCEPT]})
+    r = await http_client().get(gw.admin_url + "/metrics", headers={b"Accept": [PROMETHEUS_ACCEPT]})
     assert r.headers.getRawHeaders(b"content-type")[0].startswith(b"application/openmetrics-text")
     text = (await r.content()).decode()
-    plain = (await (await http_client().get(gw.url + "/metrics/prometheus")).content()).decode()
+    plain = (await (await http_client().get(gw.admin_url + "/metrics/prometheus")).content()).decode()
     for t in (text, plain):
         # Parsed with prometheus-client's own parser.
         reqs = samples(t, "ntonix_requests_total")
@@ -192,7 +192,7 @@ async def test_backend_connections_opened_shows_pool_churn(mocks, gateway_factor
                                "--set", "proxy.pool_size_per_backend=2")
 
     async def metric(name):
-        r = await http_client().get(gw.url + "/metrics/prometheus")
+        r = await http_client().get(gw.admin_url + "/metrics/prometheus")
         text = (await r.content()).decode()
         return samples(text, name)[(("backend", a.address),)]
 

@@ -25,7 +25,7 @@ async def test_file_env_and_cli_all_take_effect(tmp_path, mocks, gateway_factory
     gw = await gateway_factory("--config", str(cfg), "--set", "proxy.retries=0",
                                env={"NTONIX_PORT": "0", "NTONIX_HEALTH_TIMEOUT_SECONDS": "1.5"})
     http = http_client()
-    listed = await (await http.get(gw.url + "/backends")).json()
+    listed = await (await http.get(gw.admin_url + "/backends")).json()
     assert [(x["name"], x["weight"]) for x in listed["backends"]] == [(a.address, 3)]
     r = await http.post(gw.url + "/v1/chat/completions", data=chat_body(), headers=JSON)
     assert r.code == 200 and r.headers.getRawHeaders(b"x-backend") == [a.address.encode()]
@@ -40,7 +40,7 @@ async def test_env_backends_override_file(tmp_path, mocks, gateway_factory):
     cfg.write_text(json.dumps({"backends": [a.address]}))
     gw = await gateway_factory("--port", "0", env={"NTONIX_CONFIG": str(cfg),
                                                    "NTONIX_BACKENDS": b.address + ":2"})
-    listed = await (await http_client().get(gw.url + "/backends")).json()
+    listed = await (await http_client().get(gw.admin_url + "/backends")).json()
     assert [(x["name"], x["weight"]) for x in listed["backends"]] == [(b.address, 2)]
 
 

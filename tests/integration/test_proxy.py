@@ -320,7 +320,7 @@ async def test_stalled_client_is_let_go_without_blaming_the_backend(gateway_fact
         # The log line travels on another channel than the backend's socket.
         await until(lambda: b"client read nothing for 0.5s" in gw.output, timeout=5)
         # ...and the backend is not blamed for the silence.
-        doc = await (await http_client().get(gw.url + "/backends")).json()
+        doc = await (await http_client().get(gw.admin_url + "/backends")).json()
         [b] = doc["backends"]
         assert b["errors"] == 0 and b["circuit"] == "closed"
         client.transport.resumeProducing()

@@ -16,7 +16,7 @@ async def chat(gw, stream=False, **kw):
 
 
 async def backends(gw):
-    doc = await (await http_client().get(gw.url + "/backends")).json()
+    doc = await (await http_client().get(gw.admin_url + "/backends")).json()
     return {b["name"]: b for b in doc["backends"]}
 
 
