@@ -31,15 +31,19 @@ def error_json(status: int, message: str, code: Optional[str] = None,
     ).encode()
 
 
-def send_error(request: Any, status: int, message: str, code: Optional[str] = None,
-               type_: Optional[str] = None) -> None:
-    """Answer ``request`` with an error, whole."""
-    body = error_json(status, message, code, type_)
+def send_json_body(request: Any, status: int, body: bytes) -> None:
+    """Answer ``request`` with ``body``, JSON already encoded, whole."""
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", b"%d" % len(body))
     request.write(body)
     request.finish()
+
+
+def send_error(request: Any, status: int, message: str, code: Optional[str] = None,
+               type_: Optional[str] = None) -> None:
+    """Answer ``request`` with an error, whole."""
+    send_json_body(request, status, error_json(status, message, code, type_))
 
 
 def raw_error_response(status: int, message: str, code: Optional[str],

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from ntonix._version import __version__
-from ntonix.http.errors import send_error
+from ntonix.http.errors import send_error, send_json_body
 from ntonix.http.request import Request
 from ntonix.http.validate import (
     ROUTE_CHAT,
@@ -56,12 +56,8 @@ ROUTE_LABELS = {**{p: r for p, r in FORWARDED.items()},
 
 
 def send_json(request: Request, obj: Any, status: int = 200) -> None:
-    data = json.dumps(obj, indent=None, separators=(",", ":")).encode() + b"\n"
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"Content-Length", b"%d" % len(data))
-    request.write(data)
-    request.finish()
+    send_json_body(request, status,
+                   json.dumps(obj, indent=None, separators=(",", ":")).encode() + b"\n")
 
 
 # The gateway's internals: served on the admin listener, and on the public

@@ -27,8 +27,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTranspor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from ntonix.http.errors import raw_error_response
 from ntonix.deadlines import DeadlineSweep
+from ntonix.http.errors import raw_error_response, send_error
 from ntonix.http.request import Request
 from ntonix.observe.access import access_log
 from ntonix.upstream.headers import sane_request_id
@@ -372,8 +372,6 @@ class HTTPServerProtocol(Protocol):
         if request.started:
             request.abort()
             return
-        from ntonix.http.errors import send_error
-
         send_error(request, 500, "internal gateway error", "internal_error")
 
     def request_done(self, request: Request) -> None:
