@@ -24,6 +24,8 @@ import attrs
 from attrs import field, frozen
 
 ENV_PREFIX = "NTONIX_"
+# The inference scorer's weights: in the spirit of AIGW's defaults.
+DEFAULT_WEIGHTS = {"prefix": 2.0, "queue": 1.0, "prefill": 3.0, "lora": 1.0}
 DEFAULT_SOURCE = "default"
 
 
@@ -100,6 +102,14 @@ class BackendConfig:
     port: int = setting(min=1, max=65535, help="backend port")
     weight: int = setting(1, min=1, max=1000, help="share of traffic relative to the others")
     tls: bool = setting(False, help="speak HTTPS to the backend (an https:// URL)")
+    # What it serves beyond what it reports at GET /v1/models; empty with no
+    # report means "anything".
+    models: Tuple[str, ...] = setting((), help="models (and LoRA adapters) it serves")
+    health_path: str = setting("", help="its health check path (empty: health.path; "
+                                        "a 404 there falls back to /, as Ollama answers)")
+    metrics_path: str = setting("/metrics", help="where it serves Prometheus metrics in vLLM's "
+                                                 "names (scraped by the inference balancer; "
+                                                 "empty: not scraped)")
 
     @property
     def name(self) -> str:
@@ -172,8 +182,30 @@ class ProxyConfig:
 @frozen
 class BalancerConfig:
     algorithm: str = setting("weighted_round_robin", cli="--balancer",
-                             choices=("weighted_round_robin", "least_outstanding"),
-                             help="how a backend is picked")
+                             choices=("weighted_round_robin", "least_outstanding", "inference"),
+                             help="how a backend is picked (inference: by prefix-cache "
+                                  "locality, queue and prefill load)")
+    weights: Dict[str, Any] = setting(
+        factory=lambda: dict(DEFAULT_WEIGHTS),
+        help="the inference scorer's weights: prefix, queue, prefill, lora")
+    model_weights: Dict[str, Any] = setting(
+        factory=dict, help="weights per model, overriding balancer.weights "
+                           '(e.g. {"llama-3-8b": {"prefix": 4}})')
+    prefix_block_bytes: int = setting(256, min=16, max=65536,
+                                      help="bytes of rendered prompt per prefix block")
+    prefix_max_blocks: int = setting(256, min=1, max=65536,
+                                     help="leading blocks of a prompt the prefix index looks at")
+    prefix_capacity_blocks: int = setting(
+        16384, min=1, help="prefix blocks remembered per backend (LRU): about its KV cache "
+                           "in tokens / (prefix_block_bytes / 4)")
+    spill_ratio: float = setting(1.5, min=1.0,
+                                 help="a backend with more than this times the fleet's mean "
+                                      "load (+2) takes no request for its prefix affinity")
+    scrape_interval_seconds: float = setting(1.0, min=0.05,
+                                             help="how often backends' metrics are scraped "
+                                                  "(inference balancer)")
+    scrape_timeout_seconds: float = setting(0.5, min=0.01,
+                                            help="a metrics scrape slower than this fails")
 
 
 @frozen
@@ -365,6 +397,12 @@ def _coerce(key: str, f: attrs.Attribute, raw: Raw) -> Any:
                 raise bad("expected a list of ports (0-65535)")
             out.append(n)
         return out
+    elif typ == Tuple[str, ...]:
+        if raw.text:
+            v = [p.strip() for p in str(v).split(",") if p.strip()]
+        if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) and p for p in v):
+            raise bad("expected a list of names")
+        return tuple(v)
     elif typ == Dict[str, Any]:
         if raw.text:
             try:
@@ -426,6 +464,14 @@ def parse_backend_spec(spec: str) -> Tuple[str, int, int, bool]:
 
 def _backends_from(raw: Raw, errors: List[str]) -> List[BackendConfig]:
     out: List[BackendConfig] = []
+    if raw.text and str(raw.value).lstrip().startswith("["):
+        # The file's list form in a variable: the only way to give models
+        # or paths per backend from the environment.
+        try:
+            raw = Raw(json.loads(str(raw.value)), raw.source, False)
+        except ValueError:
+            errors.append(_problem("backends", raw, "not a valid JSON list"))
+            return out
     if raw.text:
         specs = [s for s in str(raw.value).split(",") if s.strip()]
         for spec in specs:
@@ -451,10 +497,21 @@ def _backends_from(raw: Raw, errors: List[str]) -> List[BackendConfig]:
             errors.append(f"{where} = {_show(item)} ({raw.source}): "
                           "expected an object with host and port")
             continue
-        unknown = set(item) - {"host", "port", "weight", "tls"}
+        known = [f.name for f in attrs.fields(BackendConfig)]
+        item = dict(item)
+        if "url" in item:
+            try:
+                host, port, weight, tls = parse_backend_spec(str(item.pop("url")))
+            except ValueError as e:
+                errors.append(f"{where}.url ({raw.source}): {e}")
+                continue
+            item.setdefault("host", host)
+            item.setdefault("port", port)
+            item.setdefault("tls", tls)
+        unknown = set(item) - set(known)
         if unknown:
             errors.append(f"{where}.{sorted(unknown)[0]} ({raw.source}): unknown key; "
-                          "expected host, port, weight, tls")
+                          "expected url or " + ", ".join(known))
             continue
         values = {}
         before = len(errors)
@@ -597,6 +654,23 @@ def build(layers: Sequence[Mapping[str, Raw]], source_file: Optional[str] = None
     return _check_combinations(cfg, merged)
 
 
+def _weight_problems(key: str, weights: Any, merged: Mapping[str, Raw]) -> List[str]:
+    setting_key = ".".join(key.split(".")[:2])
+    src = merged[setting_key].source if setting_key in merged else DEFAULT_SOURCE
+    if not isinstance(weights, dict):
+        return [f"{key} = {_show(weights)} ({src}): expected an object of weights "
+                "(" + ", ".join(DEFAULT_WEIGHTS) + ")"]
+    out = []
+    for name, value in weights.items():
+        if name not in DEFAULT_WEIGHTS:
+            out.append(f"{key}.{name} ({src}): unknown weight; expected "
+                       + ", ".join(DEFAULT_WEIGHTS))
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 <= value <= 1000:
+            out.append(f"{key}.{name} = {_show(value)} ({src}): expected a number from 0 to 1000")
+    return out
+
+
 def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
     """Rules that involve more than one setting."""
     errors = []
@@ -612,6 +686,13 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
         missing = "ssl.key_file" if cfg.ssl.cert_file else "ssl.cert_file"
         errors.append(f"{given} = {_show(getattr(cfg.ssl, given.split('.')[1]))} "
                       f"({merged[given].source}): needs {missing} too")
+    errors.extend(_weight_problems("balancer.weights", cfg.balancer.weights, merged))
+    for model, w in cfg.balancer.model_weights.items():
+        errors.extend(_weight_problems(f"balancer.model_weights.{model}", w, merged))
+    if "balancer.weights" in merged and not errors:
+        # Given weights complete the defaults rather than replace them.
+        cfg = attrs.evolve(cfg, balancer=attrs.evolve(
+            cfg.balancer, weights={**DEFAULT_WEIGHTS, **cfg.balancer.weights}))
     for host, pair in cfg.ssl.sni.items():
         src = merged["ssl.sni"].source
         if not isinstance(pair, dict) or set(pair) != {"cert_file", "key_file"} \

@@ -17,7 +17,9 @@ from ntonix.deadlines import DeadlineSweep
 from ntonix.observe.metrics import Metrics
 from ntonix.routing.backend import Backend
 from ntonix.routing.balancer import make_balancer
-from ntonix.routing.breaker import OPEN, CircuitBreaker
+from ntonix.routing.breaker import CLOSED, OPEN, CircuitBreaker
+from ntonix.routing.prefix import block_hashes, render_prompt
+from ntonix.routing.scorer import RouteContext
 from ntonix.upstream.client import UpstreamClient
 
 log = Logger(namespace="ntonix.gateway")
@@ -32,7 +34,8 @@ class Gateway:
         # Backends that exist only at run time (the demo's mocks): kept
         # across reloads, which only know the configured ones.
         self.runtime_backends: List[BackendConfig] = []
-        self.balancer = make_balancer(config.balancer.algorithm)
+        self.balancer = make_balancer(config.balancer.algorithm, config=config,
+                                      now=reactor.seconds)
         self.upstream = UpstreamClient(
             reactor,
             pool_size_per_backend=config.proxy.pool_size_per_backend,
@@ -51,6 +54,8 @@ class Gateway:
         # Every exchange in progress: its response and stream-idle deadlines.
         self.deadlines = DeadlineSweep(reactor, 0.05)
         self.draining = False
+        # Models that are LoRA adapters on some backend (from /v1/models).
+        self.adapters: frozenset = frozenset()
         # Called after the backend list changes (the health checker listens).
         self.on_backends_changed: List[Callable[[], None]] = []
         self._set_backends(config.backends)
@@ -80,6 +85,16 @@ class Gateway:
         return Backend(host=cfg.host, port=cfg.port, weight=cfg.weight, breaker=breaker,
                        tls=cfg.tls)
 
+    @staticmethod
+    def _configure_backend(b: Backend, cfg: BackendConfig) -> None:
+        """The settings a reload may change on a backend that stays."""
+        b.weight = cfg.weight
+        b.models = frozenset(cfg.models)
+        if b.health_path != cfg.health_path:
+            b.health_path = cfg.health_path
+            b.probe_path = None
+        b.metrics_path = cfg.metrics_path
+
     def _set_backends(self, configs: Sequence[BackendConfig]) -> None:
         """Make ``configs`` (plus the run-time ones) the backend list.
 
@@ -105,7 +120,7 @@ class Gateway:
                     b.removed = False
                     b.draining = False
                     log.info("backend {backend} is back in the configuration", backend=b.name)
-            b.weight = cfg.weight
+            self._configure_backend(b, cfg)
             kept.append(b)
         for gone in by_name.values():
             gone.draining = True
@@ -138,16 +153,62 @@ class Gateway:
     def find(self, name: str) -> Optional[Backend]:
         return next((b for b in self.backends if b.name == name), None)
 
-    def pick_backend(self, exclude: Iterable[Backend] = ()) -> Optional[Backend]:
-        skip = set(exclude)
-        b = self.balancer.pick(self.backends, lambda b: b.available and b not in skip)
+    def pick_backend(self, exclude: Iterable[Backend] = (), model: Optional[str] = None,
+                     ctx: Any = None) -> Optional[Backend]:
+        b = self.balancer.pick(self.candidates(exclude, model), None, ctx)
         if b is not None and not b.breaker.acquire():
             return None  # cannot happen on one thread: available() was just checked
         return b
 
-    def any_available(self, exclude: Iterable[Backend] = ()) -> bool:
+    def candidates(self, exclude: Iterable[Backend] = (),
+                   model: Optional[str] = None) -> List[Backend]:
+        """The backends that may take a request for ``model`` now. One
+        plain loop: at a hundred backends this is most of a pick's cost."""
+        skip = exclude if isinstance(exclude, (set, frozenset, dict)) else set(exclude)
+        out = []
+        for b in self.backends:
+            if b.draining or b.loading:
+                continue
+            br = b.breaker
+            if br.state != CLOSED and not br.available():
+                continue
+            if skip and b in skip:
+                continue
+            if model is not None and (b.models or b.reported is not None) \
+                    and not b.serves(model):
+                continue
+            out.append(b)
+        return out
+
+    def any_available(self, exclude: Iterable[Backend] = (), model: Optional[str] = None) -> bool:
         skip = set(exclude)
-        return any(b.available and b not in skip for b in self.backends)
+        return any(b.available and b not in skip and (model is None or b.serves(model))
+                   for b in self.backends)
+
+    def unserved(self, model: str) -> bool:
+        """No backend serves ``model``, as far as is known: every backend's
+        list is known (configured or reported) and none names it."""
+        live = [b for b in self.backends if not b.removed]
+        return bool(live) and all(b.models_known and not b.serves(model) for b in live)
+
+    def route_context(self, route: str, doc: Any, stream: bool) -> Optional[RouteContext]:
+        """The inference scorer's view of a generation request (None for
+        the other algorithms, which do not need one)."""
+        if self.config.balancer.algorithm != "inference" or route not in ("chat", "completions"):
+            return None
+        bal = self.config.balancer
+        data = render_prompt(route, doc)
+        model = doc.get("model")
+        model = model if isinstance(model, str) else None
+        return RouteContext(model,
+                            block_hashes(data, bal.prefix_block_bytes, bal.prefix_max_blocks),
+                            len(data), stream, adapter=model in self.adapters)
+
+    def models_changed(self) -> None:
+        """A backend's reported list changed: recompute the adapters."""
+        self.adapters = frozenset(
+            m for b in self.backends for m, entry in (b.reported or {}).items()
+            if isinstance(entry, dict) and entry.get("parent"))
 
     # -- reconfiguration
     def apply_config(self, new: Config) -> List[str]:
@@ -167,7 +228,10 @@ class Gateway:
                 needs_restart.append(key)
         new = attrs.evolve(new, **{s: getattr(self.config, s) for s in fixed})
         if new.balancer.algorithm != self.config.balancer.algorithm:
-            self.balancer = make_balancer(new.balancer.algorithm)
+            self.balancer = make_balancer(new.balancer.algorithm, config=new,
+                                          now=self.reactor.seconds)
+        elif hasattr(self.balancer, "reconfigure"):
+            self.balancer.reconfigure(new)
         for b in self.backends:
             b.breaker.failure_threshold = new.health.failure_threshold
             b.breaker.recovery_seconds = new.health.recovery_seconds

@@ -22,6 +22,7 @@ from ntonix.http.routes import Router
 from ntonix.http.server import GatewayServer, Limits
 from ntonix.observe.logs import make_observer
 from ntonix.routing.health import HealthChecker
+from ntonix.routing.scrape import MetricsScraper
 from ntonix.services import DemoBackendsService, DrainService, ListenerService, ReloadService
 from ntonix.sockets import listen_direct
 from ntonix.tls import ServerTLS, tls_wanted
@@ -215,6 +216,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
     if config.demo.enabled:
         DemoBackendsService(reactor, gateway, config.demo.ports).setServiceParent(top)
     HealthChecker(gateway, reactor).setServiceParent(top)
+    MetricsScraper(gateway, reactor).setServiceParent(top)
     CacheSweeper(gateway.cache, reactor).setServiceParent(top)
     reload_service = None
     if reloader is not None:

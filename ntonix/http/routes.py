@@ -187,8 +187,12 @@ class Router:
 
     def backends(self, request: Request) -> None:
         now = self.gateway.reactor.seconds()
-        send_json(request, {"now": now, "algorithm": self.gateway.config.balancer.algorithm,
-                            "backends": [b.as_json() for b in self.gateway.backends]})
+        doc = {"now": now, "algorithm": self.gateway.config.balancer.algorithm,
+               "backends": [b.as_json() for b in self.gateway.backends]}
+        scorer = getattr(self.gateway.balancer, "as_json", None)
+        if scorer is not None:
+            doc["scorer"] = scorer()
+        send_json(request, doc)
 
     def models(self, request: Request) -> None:
         """Ask every available backend, merge their lists, drop duplicates."""
@@ -236,6 +240,13 @@ class Router:
                     for m in doc["data"]:
                         if isinstance(m, dict) and isinstance(m.get("id"), str):
                             seen.setdefault(m["id"], m)
+            # Models named in the configuration are served even when the
+            # backend does not list them (an Ollama model pulled on demand).
+            for b in live:
+                for name in sorted(b.models):
+                    answered = True
+                    seen.setdefault(name, {"id": name, "object": "model", "created": 0,
+                                           "owned_by": "ntonix"})
             then(seen if answered else None)
 
         dl = defer.DeferredList([ask(b) for b in live], consumeErrors=True)
@@ -326,6 +337,13 @@ class Router:
     def _forward(self, request: Request, route: str, doc: dict, body: bytes) -> None:
         gw = self.gateway
         stream = doc.get("stream") is True
+        model = doc.get("model")
+        if not isinstance(model, str):
+            model = None
+        elif gw.unserved(model):
+            return send_error(request, 404, f"The model {model!r} does not exist: no backend "
+                              "serves it (GET /v1/models lists what they serve)",
+                              "model_not_found")
         cache = gw.cache
         decision = cache.decide(route, doc, stream, request) if cache.enabled else None
         request.info.sse = stream
@@ -341,6 +359,7 @@ class Router:
             sink.join(request, decision.label)
         request.info.cache = decision.label.decode() if decision else None
         exchange = Exchange(gw, request.method, request.uri, headers, body,
-                            request.request_id, stream, sink, info=request.info)
+                            request.request_id, stream, sink, info=request.info, model=model,
+                            route=gw.route_context(route, doc, stream))
         sink.exchange = exchange
         exchange.start()

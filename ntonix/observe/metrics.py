@@ -74,7 +74,24 @@ class GatewayCollector:
         idle = g("ntonix_backend_connections_idle",
                  "Kept-alive connections to each backend waiting for a request",
                  labels=["backend"])
+        scrape_failed = c("ntonix_backend_scrape_failures",
+                          "Failed scrapes of each backend's metrics (inference balancer)",
+                          labels=["backend"])
+        prefill = g("ntonix_backend_prefill_pending_tokens",
+                    "Prompt tokens sent to each backend whose prefill has not ended "
+                    "(estimate)", labels=["backend"])
+        loading = g("ntonix_backend_loading",
+                    "1 while a backend's health check says it is loading a model (HTTP 503)",
+                    labels=["backend"])
+        index = getattr(gw.balancer, "index", None)
+        blocks = g("ntonix_backend_prefix_blocks",
+                   "Prompt-prefix blocks the gateway predicts each backend's cache holds",
+                   labels=["backend"])
         for b in gw.backends:
+            scrape_failed.add_metric([b.name], b.scrape_failures)
+            prefill.add_metric([b.name], b.pending_prefill)
+            loading.add_metric([b.name], 1 if b.loading else 0)
+            blocks.add_metric([b.name], index.blocks_of(b) if index is not None else 0)
             req.add_metric([b.name], b.requests)
             err.add_metric([b.name], b.errors)
             inflight.add_metric([b.name], b.in_flight)
@@ -82,7 +99,8 @@ class GatewayCollector:
             avg.add_metric([b.name], b.latency_avg_ms / 1000.0)
             opened.add_metric([b.name], gw.upstream.connections_opened(b.name))
             idle.add_metric([b.name], gw.upstream.idle_connections(b.name))
-        yield from (req, err, inflight, circuit, avg, opened, idle)
+        yield from (req, err, inflight, circuit, avg, opened, idle, scrape_failed, prefill,
+                    loading, blocks)
         s = gw.cache.store
         st = s.stats
         yield c("ntonix_cache_hits", "Requests answered from the cache", value=st.hits)

@@ -1,12 +1,32 @@
 """A backend and what the gateway knows about it right now."""
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, FrozenSet, Optional
 
 import attrs
 
 from ntonix.routing.breaker import CLOSED, CircuitBreaker
+from ntonix.routing.latency import LatencyModel
 
-HEALTHY, UNHEALTHY, DRAINING = "healthy", "unhealthy", "draining"
+HEALTHY, UNHEALTHY, DRAINING, LOADING = "healthy", "unhealthy", "draining", "loading"
+
+
+@attrs.define(eq=False)
+class ScrapedLoad:
+    """What a backend's own metrics said at ``at`` (vLLM's names)."""
+
+    at: float
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_usage: Optional[float] = None
+    loras_loaded: FrozenSet[str] = frozenset()
+    loras_waiting: FrozenSet[str] = frozenset()
+    max_loras: Optional[int] = None
+
+    def as_json(self, now: float) -> Dict[str, Any]:
+        return {"age_seconds": round(now - self.at, 3), "waiting": self.waiting,
+                "running": self.running, "kv_cache_usage": self.kv_usage,
+                "loras_loaded": sorted(self.loras_loaded),
+                "loras_waiting": sorted(self.loras_waiting), "max_loras": self.max_loras}
 
 
 @attrs.define(eq=False)
@@ -27,6 +47,26 @@ class Backend:
     latency_count: int = 0
     last_error: Optional[str] = None
     tls: bool = False  # HTTPS to the backend
+    # Configured models; ``reported`` is what its GET /v1/models said last
+    # (None until it answered): id -> the model object it sent.
+    models: FrozenSet[str] = frozenset()
+    reported: Optional[Dict[str, Dict[str, Any]]] = None
+    health_path: str = ""
+    metrics_path: str = "/metrics"
+    # The health path in use: health_path, or / after a 404 there (Ollama).
+    probe_path: Optional[str] = None
+    # It answered its health check 503 (llama.cpp while it loads a model):
+    # not ready for traffic, but not failing either.
+    loading: bool = False
+    load: Optional[ScrapedLoad] = None
+    # load.running + load.waiting and load.at, flat for the scorer's loop.
+    scraped_queue: float = 0.0
+    scraped_at: float = float("-inf")
+    scrape_error: Optional[str] = None
+    scrape_failures: int = 0
+    # Prompt tokens sent there whose prefill has not ended (an estimate).
+    pending_prefill: int = 0
+    latency: LatencyModel = attrs.Factory(LatencyModel)
     # Derived from host and port (which never change: they are the
     # backend's identity), computed once rather than per request.
     name: str = attrs.field(init=False)
@@ -47,12 +87,41 @@ class Backend:
     def state(self) -> str:
         if self.draining:
             return DRAINING
+        if self.loading:
+            return LOADING
         return HEALTHY if self.breaker.state == CLOSED else UNHEALTHY
 
     @property
     def available(self) -> bool:
         """May take a new request now (a half-open circuit's free trial counts)."""
-        return not self.draining and self.breaker.available()
+        return not self.draining and not self.loading and self.breaker.available()
+
+    @property
+    def models_known(self) -> bool:
+        return bool(self.models) or self.reported is not None
+
+    def serves(self, model: str) -> bool:
+        """Whether a request for ``model`` may go here: it is configured or
+        reported, or nothing is known of what this backend serves."""
+        if model in self.models:
+            return True
+        reported = self.reported
+        if reported is None:
+            return not self.models
+        return model in reported
+
+    def is_adapter(self, model: str) -> bool:
+        """``model`` is a LoRA adapter here (it names a parent model)."""
+        entry = (self.reported or {}).get(model)
+        return bool(entry and entry.get("parent"))
+
+    def set_load(self, load: ScrapedLoad) -> None:
+        self.load = load
+        self.scraped_queue = load.running + load.waiting
+        self.scraped_at = load.at
+
+    def all_models(self) -> FrozenSet[str]:
+        return self.models | frozenset(self.reported or ())
 
     @property
     def latency_avg_ms(self) -> float:
@@ -81,4 +150,10 @@ class Backend:
             "latency_avg_ms": round(self.latency_avg_ms, 3),
             "error_rate": round(self.errors / self.requests, 4) if self.requests else 0.0,
             "last_error": self.last_error,
+            "models": sorted(self.all_models()) if self.models_known else None,
+            "health_path": self.probe_path or self.health_path or None,
+            "pending_prefill_tokens": self.pending_prefill,
+            "scraped": self.load.as_json(b.now()) if self.load is not None else None,
+            "scrape_error": self.scrape_error,
+            "latency_model": self.latency.as_json(),
         }

@@ -1,5 +1,6 @@
 """Picking a backend: smooth weighted round-robin (as nginx does it), or the
-least outstanding of two random choices.
+least outstanding of two random choices (the inference scorer is in
+``scorer.py``).
 
 Each pick adds every candidate's weight to its running score, takes the one
 with the highest score and subtracts the total weight from it. Over any window
@@ -20,7 +21,8 @@ class SmoothWeightedRoundRobin:
         self._current: Dict[Backend, int] = {}
 
     def pick(self, candidates: Iterable[Backend],
-             allowed: Optional[Callable[[Backend], bool]] = None) -> Optional[Backend]:
+             allowed: Optional[Callable[[Backend], bool]] = None,
+             ctx: Any = None) -> Optional[Backend]:
         pool: List[Backend] = [b for b in candidates if allowed is None or allowed(b)]
         if not pool:
             return None
@@ -52,7 +54,8 @@ class LeastOutstanding:
         self.rng = rng or random.Random()
 
     def pick(self, candidates: Iterable[Backend],
-             allowed: Optional[Callable[[Backend], bool]] = None) -> Optional[Backend]:
+             allowed: Optional[Callable[[Backend], bool]] = None,
+             ctx: Any = None) -> Optional[Backend]:
         pool = [b for b in candidates if allowed is None or allowed(b)]
         if len(pool) <= 1:
             return pool[0] if pool else None
@@ -67,7 +70,12 @@ class LeastOutstanding:
         pass
 
 
-def make_balancer(algorithm: str, rng: Optional[random.Random] = None) -> Any:
+def make_balancer(algorithm: str, rng: Optional[random.Random] = None, config: Any = None,
+                  now: Optional[Callable[[], float]] = None) -> Any:
+    if algorithm == "inference":
+        from ntonix.routing.scorer import InferenceScorer
+        assert config is not None and now is not None
+        return InferenceScorer(config, now, rng)
     if algorithm == "least_outstanding":
         return LeastOutstanding(rng)
     return SmoothWeightedRoundRobin()

@@ -1,13 +1,17 @@
 """Active health checks: one LoopingCall per backend on the injected clock.
 
-A check is an HTTP GET of ``health.path``; a 2xx is a success, anything else
-(a status, a refused connection, no answer within ``health.timeout_seconds``)
-a failure. Results feed the backend's circuit breaker, exactly like the
+A check is an HTTP GET of the backend's ``health_path`` (``health.path`` when
+it has none; ``/`` after a 404 there, as Ollama answers); a 2xx is a success,
+a 503 means "loading a model" (llama.cpp): no traffic, no failure; anything
+else (a status, a refused connection, no answer within
+``health.timeout_seconds``) a failure. After a success the backend's
+``GET /v1/models`` says which models and LoRA adapters it serves. Results feed the backend's circuit breaker, exactly like the
 outcomes of real requests. An open circuit is not probed until it is due; then
 the probe may be the half-open circuit's one trial.
 """
 
-from typing import Any, Dict
+import json
+from typing import Any, Dict, Optional, Tuple
 
 import treq
 from twisted.application.service import Service
@@ -80,12 +84,10 @@ class HealthChecker(Service):
                 return defer.succeed(None)
             self.checks += 1
             h = self.gateway.config.health
+            path = backend.probe_path or backend.health_path or h.path
             started = self.clock.seconds()
-            d = self.gateway.upstream.treq.get(
-                backend.base_url + h.path.encode("ascii", "replace"),
-                headers=Headers({b"User-Agent": [b"ntonix-health"]}), allow_redirects=False)
-            d.addCallback(self._judge, backend)
-            d.addTimeout(h.timeout_seconds, self.clock)
+            d = self._get(backend, path, h.timeout_seconds)
+            d.addCallback(self._judge, backend, path)
             d.addErrback(self._failed, backend, h.timeout_seconds, started)
             return d.addErrback(lambda f: log.failure("health check of {backend}", f,
                                                       backend=backend.name))
@@ -93,14 +95,68 @@ class HealthChecker(Service):
             log.failure("health check of {backend}", backend=backend.name)
             return defer.succeed(None)
 
-    def _judge(self, response: Any, backend: Backend) -> "defer.Deferred[None]":
-        def verdict(_: Any) -> None:
-            if 200 <= response.code < 300:
-                backend.breaker.succeeded()
-            else:
-                backend.breaker.failed(f"health check answered HTTP {response.code}")
+    def _get(self, backend: Backend, path: str, timeout: float) -> "defer.Deferred[Any]":
+        d = self.gateway.upstream.treq.get(
+            backend.base_url + path.encode("ascii", "replace"),
+            headers=Headers({b"User-Agent": [b"ntonix-health"]}), allow_redirects=False)
         # Read the body so that the connection goes back to the pool.
-        return treq.content(response).addCallback(verdict)
+        d.addCallback(lambda r: treq.content(r).addCallback(lambda body: (r.code, body)))
+        d.addTimeout(timeout, self.clock)
+        return d
+
+    def _judge(self, answer: Tuple[int, bytes], backend: Backend,
+               path: str) -> Optional["defer.Deferred[None]"]:
+        code, _ = answer
+        if code == 404 and path != "/" and not backend.health_path:
+            # Ollama has no /health; its / answers "Ollama is running".
+            log.info("backend {backend} has no {path} (404): checking / instead "
+                     "(set health_path to choose)", backend=backend.name, path=path)
+            backend.probe_path = "/"
+            backend.breaker.release()
+            return self.check(backend)
+        if code == 503:
+            # llama.cpp while it loads a model: not ready, not broken.
+            backend.breaker.release()
+            if not backend.loading:
+                backend.loading = True
+                log.info("backend {backend} is loading (HTTP 503 on {path}): no traffic "
+                         "until it is ready", backend=backend.name, path=path)
+            return None
+        if backend.loading:
+            backend.loading = False
+            log.info("backend {backend} finished loading", backend=backend.name)
+        if 200 <= code < 300:
+            backend.breaker.succeeded()
+            return self._refresh_models(backend)
+        backend.breaker.failed(f"health check answered HTTP {code}")
+        return None
+
+    def _refresh_models(self, backend: Backend) -> "defer.Deferred[None]":
+        """What the backend serves, from its GET /v1/models (vLLM lists its
+        LoRA adapters there too, with their parent). A backend without the
+        route keeps what was known; nothing here affects its health."""
+        d = self._get(backend, "/v1/models", self.gateway.config.health.timeout_seconds)
+
+        def got(answer: Tuple[int, bytes]) -> None:
+            code, body = answer
+            if code != 200:
+                return
+            try:
+                doc = json.loads(body)
+                data = doc["data"]
+                models = {m["id"]: m for m in data
+                          if isinstance(m, dict) and isinstance(m.get("id"), str)}
+            except (ValueError, KeyError, TypeError):
+                return
+            if backend.reported is None or set(models) != set(backend.reported):
+                log.info("backend {backend} serves {models}", backend=backend.name,
+                         models=", ".join(sorted(models)) or "no model")
+            backend.reported = models
+            self.gateway.models_changed()
+
+        d.addCallback(got)
+        d.addErrback(lambda f: None)  # unreachable now: the next check will tell
+        return d
 
     def _failed(self, failure: Any, backend: Backend, timeout: float, started: float) -> None:
         # A cancelled request may surface as ResponseNeverReceived rather

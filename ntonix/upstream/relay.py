@@ -27,6 +27,7 @@ from zope.interface import implementer
 from ntonix.http.errors import error_json, send_error
 from ntonix.http.request import Request
 from ntonix.routing.backend import Backend
+from ntonix.routing.scorer import RouteContext, attempt_ended, prefill_ended
 from ntonix.upstream.connection import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from ntonix.upstream.headers import RawHeaders, client_response_headers, request_line
 from ntonix.upstream.sse import first_content_end
@@ -165,7 +166,8 @@ class Exchange:
 
     def __init__(self, gateway: "Gateway", method: bytes, path: bytes, header_block: bytes,
                  body: bytes, request_id: bytes, stream: bool, sink: Any,
-                 info: Any = None) -> None:
+                 info: Any = None, model: Optional[str] = None,
+                 route: Optional[RouteContext] = None) -> None:
         self.gateway = gateway
         self.clock = gateway.reactor
         self.idle_timeout = gateway.config.proxy.stream_idle_timeout_seconds
@@ -196,6 +198,8 @@ class Exchange:
         self.done = False
         self.info = info  # the leading client's RequestInfo, for timings and the access log
         self.first_byte_at: Optional[float] = None
+        self.model = model  # only backends that serve it are candidates
+        self.route = route  # the inference scorer's view of the prompt
 
     @property
     def backend_name(self) -> Optional[str]:
@@ -219,11 +223,11 @@ class Exchange:
 
     def _attempt(self, same_backend_ok: bool = False) -> None:
         gw = self.gateway
-        backend = gw.pick_backend(exclude=self.tried)
+        backend = gw.pick_backend(exclude=self.tried, model=self.model, ctx=self.route)
         if backend is None and same_backend_ok:
             # A single backend: a stale pooled connection is the usual cause
             # of a connect-level failure, so the same backend may take it.
-            backend = gw.pick_backend()
+            backend = gw.pick_backend(model=self.model, ctx=self.route)
         if backend is None:
             self._fail(503, "no backend available", "no_backend_available", retry_after=True)
             return
@@ -261,7 +265,13 @@ class Exchange:
         if b is None:
             return
         b.in_flight -= 1
-        elapsed = self.gateway.reactor.seconds() - self.attempt_started
+        now = self.gateway.reactor.seconds()
+        elapsed = now - self.attempt_started
+        route = self.route
+        if route is not None:
+            first = self.first_byte_at
+            attempt_ended(b, route, now - first if verdict and first is not None
+                          and first >= self.attempt_started else None)
         b.record(verdict is not False, elapsed, why)
         self.gateway.metrics.observe_backend(b.name, elapsed)
         if verdict is None:
@@ -367,6 +377,8 @@ class Exchange:
         self._cancel_deadline()
         self.committed = True
         self.first_byte_at = self.gateway.reactor.seconds()
+        if self.route is not None and self.backend is not None:
+            prefill_ended(self.backend, self.route, self.first_byte_at - self.attempt_started)
         if self.info is not None:
             self.info.upstream_head_at = self.first_byte_at
         assert self.response is not None
@@ -383,6 +395,8 @@ class Exchange:
 
     def deliver(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self.route is not None:
+            self.route.output_events += data.count(b"data:")
         self.sink.write(data)
 
     def response_headers(self) -> RawHeaders:
