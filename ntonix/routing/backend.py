@@ -59,8 +59,10 @@ class Backend:
     # not ready for traffic, but not failing either.
     loading: bool = False
     load: Optional[ScrapedLoad] = None
-    # load.running + load.waiting and load.at, flat for the scorer's loop.
-    scraped_queue: float = 0.0
+    # The requests there that are not this gateway's (running + waiting
+    # minus our in-flight ones when scraped) and when: flat for the
+    # scorer's loop.
+    scraped_others: float = 0.0
     scraped_at: float = float("-inf")
     scrape_error: Optional[str] = None
     scrape_failures: int = 0
@@ -117,7 +119,9 @@ class Backend:
 
     def set_load(self, load: ScrapedLoad) -> None:
         self.load = load
-        self.scraped_queue = load.running + load.waiting
+        # Ours are counted by in_flight as they start and end; the page
+        # only tells what the others add.
+        self.scraped_others = max(0.0, load.running + load.waiting - self.in_flight)
         self.scraped_at = load.at
 
     def all_models(self) -> FrozenSet[str]:

@@ -6,9 +6,10 @@ prefill + w_lora * lora``, every term in 0..1:
 - prefix: the share of the prompt's leading blocks the prefix index predicts
   the backend still holds (those are not prefilled again);
 - queue: how far below the busiest candidate its load is, the load being its
-  requests in flight from this gateway or, when fresher and larger, the
-  running + waiting requests its own metrics report; min-max normalised over
-  the candidates, as the Gateway API Inference Extension's queue scorer does;
+  requests in flight from this gateway plus, while its last scrape is fresh,
+  the running + waiting requests its metrics reported beyond ours (other
+  gateways' and clients'); min-max normalised over the candidates, as the
+  Gateway API Inference Extension's queue scorer does;
 - prefill: the same for the prompt tokens sent there whose prefill has not
   ended (a big prefill delays every first token behind it);
 - lora: 1 where the requested adapter is loaded (per the backend's
@@ -97,9 +98,8 @@ class InferenceScorer:
 
         # Comprehensions: at a hundred candidates, appends in a loop cost
         # more than the scoring itself.
-        loads = [b.in_flight / b.weight if b.scraped_at < fresh_after
-                 or b.scraped_queue <= b.in_flight else b.scraped_queue / b.weight
-                 for b in pool]
+        loads = [(b.in_flight + b.scraped_others) / b.weight if b.scraped_at >= fresh_after
+                 else b.in_flight / b.weight for b in pool]
         prefills = [b.pending_prefill / b.weight for b in pool]
         total = sum(loads)
         qmin, qmax = min(loads), max(loads)

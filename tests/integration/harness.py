@@ -13,7 +13,11 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from ntonix_mock.server import Knobs, make_site
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from ntonix_mock.server import Knobs, QuietSite, make_site
+from ntonix_mock.simulator import SimParams, SimulatorResource
 
 LISTENING = re.compile(rb"http listening on ([0-9.]+):(\d+)")
 TWISTD = Path(sys.executable).with_name("twistd")
@@ -86,6 +90,52 @@ class Mock:
 
     def count(self, path: str = "/v1/chat/completions") -> int:
         return self.site.resource.stats.by_path.get(path, 0)
+
+
+class MetricsFault(Resource):
+    """A simulator whose /metrics misbehaves: ``mode`` is "hang" (never
+    answers), "garbage" (200 with bytes that are no Prometheus page) or
+    None (the simulator's own page); with ``ollama``, its health routes are
+    Ollama's."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self.inner = inner
+        self.mode: Optional[str] = None
+        self.hung: List[Any] = []
+        # True: no /health (404) but "Ollama is running" at /, as Ollama.
+        self.ollama = False
+
+    def render(self, request: Any) -> Any:
+        if self.ollama and request.path == b"/health":
+            request.setResponseCode(404)
+            return b"404 page not found"
+        if self.ollama and request.path == b"/":
+            return b"Ollama is running"
+        if request.path == b"/metrics" and self.mode == "hang":
+            self.hung.append(request)
+            return NOT_DONE_YET
+        if request.path == b"/metrics" and self.mode == "garbage":
+            return b"\x00\xff<html>this is not a metrics page {{{\n" * 50
+        return self.inner.render(request)
+
+
+class Sim(Mock):
+    """An inference simulator (the mock's vLLM-like mode) on 127.0.0.1."""
+
+    def __init__(self, backend_id: str, **params: Any) -> None:
+        resource = SimulatorResource(backend_id, SimParams(**params), reactor)
+        self.fault = MetricsFault(resource)
+        self.site = QuietSite(self.fault)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.number = self.port.getHost().port
+        self.id = backend_id
+        self.engine = resource.engine
+
+    def count(self, path: str = "/v1/chat/completions") -> int:
+        return self.engine.stats.requests
 
 
 class GatewayProcess(protocol.ProcessProtocol):
