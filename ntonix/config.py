@@ -107,6 +107,9 @@ class BackendConfig:
     models: Tuple[str, ...] = setting((), help="models (and LoRA adapters) it serves")
     health_path: str = setting("", help="its health check path (empty: health.path; "
                                         "a 404 there falls back to /, as Ollama answers)")
+    max_concurrency: int = setting(0, min=0, help="requests it is sent at once, at most "
+                                                  "(0: no limit); more wait in the admission "
+                                                  "queue")
     metrics_path: str = setting("/metrics", help="where it serves Prometheus metrics in vLLM's "
                                                  "names (scraped by the inference balancer; "
                                                  "empty: not scraped)")
@@ -206,6 +209,33 @@ class BalancerConfig:
                                                   "(inference balancer)")
     scrape_timeout_seconds: float = setting(0.5, min=0.01,
                                             help="a metrics scrape slower than this fails")
+    backend_queue_limit: int = setting(0, min=0,
+                                       help="a backend whose metrics report more waiting "
+                                            "requests than this is full (0: not used)")
+    queue_size: int = setting(1000, min=0, help="requests that may wait for a free backend "
+                                                 "(0: none wait; 429 at once)")
+    queue_timeout_seconds: float = setting(10.0, min=0.0,
+                                           help="how long a request waits for a free backend "
+                                                "before its 429")
+    sheddable_queue_share: float = setting(0.5, min=0.0, max=1.0,
+                                           help="sheddable requests are refused without "
+                                                "waiting once the queue is this full")
+
+
+PRIORITIES = ("critical", "standard", "sheddable")
+
+
+@frozen
+class TenantsConfig:
+    header: str = setting("", help="request header naming the tenant (empty: a hash of the "
+                                   "Authorization credential)")
+    classes: Dict[str, Any] = setting(
+        factory=dict, help='tenant -> {"priority": "critical|standard|sheddable", "weight": N}')
+    default_priority: str = setting("standard", choices=PRIORITIES,
+                                    help="the priority of tenants not in tenants.classes")
+    max_tracked: int = setting(20, min=1, max=1000,
+                               help="tenants with their own metrics label; the rest are "
+                                    "counted as \"other\"")
 
 
 @frozen
@@ -243,6 +273,7 @@ class Config:
     health: HealthConfig = field(factory=HealthConfig)
     proxy: ProxyConfig = field(factory=ProxyConfig)
     balancer: BalancerConfig = field(factory=BalancerConfig)
+    tenants: TenantsConfig = field(factory=TenantsConfig)
     admin: AdminConfig = field(factory=AdminConfig)
     demo: DemoConfig = field(factory=DemoConfig)
     # Where the file part came from, for reloads and the console; not a setting.
@@ -693,6 +724,19 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
         # Given weights complete the defaults rather than replace them.
         cfg = attrs.evolve(cfg, balancer=attrs.evolve(
             cfg.balancer, weights={**DEFAULT_WEIGHTS, **cfg.balancer.weights}))
+    for tenant, cls in cfg.tenants.classes.items():
+        src = merged["tenants.classes"].source
+        if not isinstance(cls, dict) or set(cls) - {"priority", "weight"}:
+            errors.append(f"tenants.classes.{tenant} = {_show(cls)} ({src}): expected "
+                          '{"priority": "critical|standard|sheddable", "weight": N}')
+        elif cls.get("priority", cfg.tenants.default_priority) not in PRIORITIES:
+            errors.append(f"tenants.classes.{tenant}.priority = {_show(cls['priority'])} "
+                          f"({src}): must be one of " + ", ".join(PRIORITIES))
+        elif isinstance(cls.get("weight", 1), bool) \
+                or not isinstance(cls.get("weight", 1), (int, float)) \
+                or not 0 < cls.get("weight", 1) <= 1000:
+            errors.append(f"tenants.classes.{tenant}.weight = {_show(cls['weight'])} "
+                          f"({src}): expected a number above 0, at most 1000")
     for host, pair in cfg.ssl.sni.items():
         src = merged["ssl.sni"].source
         if not isinstance(pair, dict) or set(pair) != {"cert_file", "key_file"} \

@@ -15,6 +15,7 @@ from ntonix.cache.manager import ResponseCache
 from ntonix.config import BackendConfig, Config, all_settings
 from ntonix.deadlines import DeadlineSweep
 from ntonix.observe.metrics import Metrics
+from ntonix.routing.admission import Admission
 from ntonix.routing.backend import Backend
 from ntonix.routing.balancer import make_balancer
 from ntonix.routing.breaker import CLOSED, OPEN, CircuitBreaker
@@ -46,6 +47,7 @@ class Gateway:
             ca_file=config.proxy.ca_file,
         )
         self.cache = ResponseCache(config.cache, reactor)
+        self.admission = Admission(self)
         self.metrics = Metrics(self)
         self.active_relays = 0
         # Deferreds waiting for the end of the drain delay; None once it ended.
@@ -94,6 +96,7 @@ class Gateway:
             b.health_path = cfg.health_path
             b.probe_path = None
         b.metrics_path = cfg.metrics_path
+        b.max_concurrency = cfg.max_concurrency
 
     def _set_backends(self, configs: Sequence[BackendConfig]) -> None:
         """Make ``configs`` (plus the run-time ones) the backend list.
@@ -141,7 +144,9 @@ class Gateway:
         self._set_backends(self.config.backends)
 
     def released(self, backend: Backend) -> None:
-        """A request to ``backend`` ended: a removed backend may now go."""
+        """A request to ``backend`` ended: a waiting request may take its
+        slot, and a removed backend may now go."""
+        self.admission.released()
         if backend.removed and backend.in_flight == 0 \
                 and backend in self.backends:
             self.backends = [b for b in self.backends if b is not backend]
@@ -269,4 +274,5 @@ class Gateway:
 
     def close(self) -> Any:
         self.deadlines.stop()
+        self.admission.close()
         return self.upstream.close()

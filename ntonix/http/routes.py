@@ -52,6 +52,7 @@ ROUTE_LABELS = {**{p: r for p, r in FORWARDED.items()},
                 b"/v1/models": "models", b"/": "root", b"/health": "health",
                 b"/livez": "health", b"/readyz": "health",
                 b"/backends": "backends", b"/cache/stats": "cache_stats",
+                b"/admission": "admission",
                 b"/metrics": "metrics", b"/metrics/prometheus": "metrics"}
 
 
@@ -62,7 +63,8 @@ def send_json(request: Request, obj: Any, status: int = 200) -> None:
 
 # The gateway's internals: served on the admin listener, and on the public
 # port only to a request bearing admin.token.
-ADMIN_PATHS = frozenset({b"/metrics", b"/metrics/prometheus", b"/backends", b"/cache/stats"})
+ADMIN_PATHS = frozenset({b"/metrics", b"/metrics/prometheus", b"/backends", b"/cache/stats",
+                         b"/admission"})
 
 
 class Router:
@@ -76,6 +78,8 @@ class Router:
             (b"GET", b"/readyz"): (self.health, "readiness: 503 when no backend can answer "
                                    "or the gateway is draining"),
             (b"GET", b"/backends"): (self.backends, "backends and their state"),
+            (b"GET", b"/admission"): (self.admission, "the admission queue: who waits, "
+                                                      "who was refused"),
             (b"GET", b"/cache/stats"): (self.cache_stats, "response cache counters"),
             (b"GET", b"/metrics"): (self.metrics, "metrics as JSON (Prometheus text on Accept)"),
             (b"GET", b"/metrics/prometheus"): (self.prometheus, "metrics as Prometheus text"),
@@ -193,6 +197,9 @@ class Router:
         if scorer is not None:
             doc["scorer"] = scorer()
         send_json(request, doc)
+
+    def admission(self, request: Request) -> None:
+        send_json(request, self.gateway.admission.as_json())
 
     def models(self, request: Request) -> None:
         """Ask every available backend, merge their lists, drop duplicates."""
@@ -317,6 +324,13 @@ class Router:
             return False
         return True
 
+    def _tenant(self, request: Request) -> Optional[bytes]:
+        """The raw value that names the request's tenant (the admission
+        queue hashes a credential before it keeps or shows anything)."""
+        header = self.gateway.config.tenants.header
+        return request.getHeader(header.lower().encode("latin-1") if header
+                                 else b"authorization")
+
     def _passes_through(self, method: bytes, path: bytes) -> bool:
         """Whether a request is relayed as it is: any method but HEAD (whose
         answer has no body to relay) on a /v1/ path the table does not name
@@ -330,7 +344,8 @@ class Router:
                                         request.client_ip, request.request_id, request.secure,
                                         len(request.body))
         exchange = Exchange(self.gateway, request.method, request.uri, headers, request.body,
-                            request.request_id, False, ClientSink(request), info=request.info)
+                            request.request_id, False, ClientSink(request), info=request.info,
+                            tenant=self._tenant(request))
         exchange.sink.exchange = exchange
         exchange.start()
 
@@ -360,6 +375,7 @@ class Router:
         request.info.cache = decision.label.decode() if decision else None
         exchange = Exchange(gw, request.method, request.uri, headers, body,
                             request.request_id, stream, sink, info=request.info, model=model,
-                            route=gw.route_context(route, doc, stream))
+                            route=gw.route_context(route, doc, stream),
+                            tenant=self._tenant(request))
         sink.exchange = exchange
         exchange.start()

@@ -34,6 +34,7 @@ class RequestInfo:
     upstream_failed: bool = False
     gateway_seconds: Optional[float] = None
     upstream_seconds: Optional[float] = None
+    queue_seconds: Optional[float] = None  # waited for a free backend
 
     def timing(self, now: float) -> str:
         """Set and return the Server-Timing value for a head written ``now``.
@@ -49,7 +50,11 @@ class RequestInfo:
         gateway = max(0.0, sent - self.received_at) + max(0.0, now - head)
         upstream = max(0.0, head - sent)
         self.gateway_seconds, self.upstream_seconds = gateway, upstream
-        return f"gateway;dur={gateway * 1000:.3f}, upstream;dur={upstream * 1000:.3f}"
+        timing = f"gateway;dur={gateway * 1000:.3f}, upstream;dur={upstream * 1000:.3f}"
+        if self.queue_seconds is not None:
+            # Part of the gateway's time: the wait in the admission queue.
+            timing += f", queue;dur={self.queue_seconds * 1000:.3f}"
+        return timing
 
 
 def ms(start: Optional[float], end: Optional[float]) -> Optional[float]:

@@ -101,6 +101,23 @@ class GatewayCollector:
             idle.add_metric([b.name], gw.upstream.idle_connections(b.name))
         yield from (req, err, inflight, circuit, avg, opened, idle, scrape_failed, prefill,
                     loading, blocks)
+        adm = gw.admission
+        length = g("ntonix_queue_length", "Requests waiting for a free backend",
+                   labels=["priority"])
+        admitted = c("ntonix_admission_admitted", "Requests sent to a backend, at once or "
+                     "after waiting", labels=["priority"])
+        queued = c("ntonix_admission_queued", "Requests that had to wait for a free backend",
+                   labels=["priority", "tenant"])
+        refused = c("ntonix_admission_refused", "Requests refused with 429 (queue_full, "
+                    "queue_timeout, shed)", labels=["priority", "tenant", "reason"])
+        for p, q in adm.queues.items():
+            length.add_metric([p], q.count)
+            admitted.add_metric([p], adm.admitted[p])
+        for (p, t), n in adm.queued.items():
+            queued.add_metric([p, t], n)
+        for (p, t, why), n in adm.refused.items():
+            refused.add_metric([p, t, why], n)
+        yield from (length, admitted, queued, refused)
         s = gw.cache.store
         st = s.stats
         yield c("ntonix_cache_hits", "Requests answered from the cache", value=st.hits)
@@ -200,8 +217,11 @@ class Metrics:
                                        "client first byte", buckets=OVERHEAD_BUCKETS)
         self.backend_latency = LocalHistogram("ntonix_backend_latency_seconds",
                                               "Backend exchange duration", ["backend"])
+        self.queue_wait = LocalHistogram("ntonix_queue_wait_seconds",
+                                         "Time requests waited in the admission queue for a "
+                                         "free backend (only those that waited)", ["priority"])
         r.register(_Histograms([self.latency, self.ttft, self.stream_duration, self.overhead,
-                                self.backend_latency]))
+                                self.backend_latency, self.queue_wait]))
         self.active = 0
         self.sites: list = []
         self._children: Dict[tuple, tuple] = {}
@@ -214,6 +234,9 @@ class Metrics:
     @property
     def connections_total(self) -> int:
         return sum(s.connections_total for s in self.sites)
+
+    def observe_queue_wait(self, priority: str, seconds: float) -> None:
+        self.queue_wait.labels(priority).observe(seconds)
 
     def observe_backend(self, name: str, seconds: float) -> None:
         child = self._backend_children.get(name)

@@ -52,6 +52,7 @@ class Backend:
     models: FrozenSet[str] = frozenset()
     reported: Optional[Dict[str, Dict[str, Any]]] = None
     health_path: str = ""
+    max_concurrency: int = 0  # 0: no limit
     metrics_path: str = "/metrics"
     # The health path in use: health_path, or / after a 404 there (Ollama).
     probe_path: Optional[str] = None
@@ -150,7 +151,8 @@ class Backend:
             "state": self.state, "circuit": b.state, "reason": b.reason,
             "state_changed_at": b.changed_at, "opened_at": b.opened_at, "retry_at": b.retry_at,
             "consecutive_failures": b.failures,
-            "in_flight": self.in_flight, "requests": self.requests, "errors": self.errors,
+            "in_flight": self.in_flight, "max_concurrency": self.max_concurrency or None,
+            "requests": self.requests, "errors": self.errors,
             "latency_avg_ms": round(self.latency_avg_ms, 3),
             "error_rate": round(self.errors / self.requests, 4) if self.requests else 0.0,
             "last_error": self.last_error,

@@ -17,7 +17,7 @@ After the commit nothing is retried: a failure mid-stream ends the stream with
 an SSE ``error`` event.
 """
 
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Union
 
 from twisted.internet import error
 from twisted.internet.interfaces import IPushProducer
@@ -167,7 +167,7 @@ class Exchange:
     def __init__(self, gateway: "Gateway", method: bytes, path: bytes, header_block: bytes,
                  body: bytes, request_id: bytes, stream: bool, sink: Any,
                  info: Any = None, model: Optional[str] = None,
-                 route: Optional[RouteContext] = None) -> None:
+                 route: Optional[RouteContext] = None, tenant: Optional[bytes] = None) -> None:
         self.gateway = gateway
         self.clock = gateway.reactor
         self.idle_timeout = gateway.config.proxy.stream_idle_timeout_seconds
@@ -200,6 +200,10 @@ class Exchange:
         self.first_byte_at: Optional[float] = None
         self.model = model  # only backends that serve it are candidates
         self.route = route  # the inference scorer's view of the prompt
+        # Who asks, at which priority (the admission queue's order).
+        self.tenant, self.priority = gateway.admission.classify(tenant)
+        self.waiter: Any = None  # while it waits in the admission queue
+        self.same_backend_ok = False
 
     @property
     def backend_name(self) -> Optional[str]:
@@ -222,14 +226,26 @@ class Exchange:
             pipe.idle()
 
     def _attempt(self, same_backend_ok: bool = False) -> None:
+        """Send to a backend with room now, or wait for one (admission)."""
+        self.same_backend_ok = same_backend_ok
+        self.gateway.admission.admit(self)
+
+    # -- admission's answers
+    def no_backend(self) -> None:
+        self._fail(503, "no backend available", "no_backend_available", retry_after=True)
+
+    def refused(self, why: str, reason: str, retry_after: int) -> None:
+        """Waited too long, or no room to wait: a 429."""
+        self.waiter = None
+        self.deadline_at = None
+        self._fail(429, why, reason, retry_after=retry_after)
+
+    def send(self, room: List[Backend]) -> None:
+        """Send the request to the best of ``room`` (backends with room)."""
         gw = self.gateway
-        backend = gw.pick_backend(exclude=self.tried, model=self.model, ctx=self.route)
-        if backend is None and same_backend_ok:
-            # A single backend: a stale pooled connection is the usual cause
-            # of a connect-level failure, so the same backend may take it.
-            backend = gw.pick_backend(model=self.model, ctx=self.route)
-        if backend is None:
-            self._fail(503, "no backend available", "no_backend_available", retry_after=True)
+        backend = gw.balancer.pick(room, None, self.route) if room else None
+        if backend is None or not backend.breaker.acquire():
+            self.no_backend()  # cannot happen on one thread: room was just checked
             return
         self.tried.append(backend)
         self.backend = backend
@@ -242,7 +258,7 @@ class Exchange:
             self.info.retries = len(self.tried) - 1
         # Only a stream's deadline depends on it (see below).
         self.last_attempt = not self.stream or self.retries_left == 0 or \
-            not gw.any_available(exclude=self.tried)
+            not gw.any_available(exclude=self.tried, model=self.model)
         proxy = gw.config.proxy
         # One deadline per attempt. A stream's deadline runs to its first
         # content event; the last attempt gets the full response timeout.
@@ -318,11 +334,17 @@ class Exchange:
         if self.done:
             return
         self.cancelled = True
+        if self.waiter is not None:
+            self.gateway.admission.leave(self.waiter)
+            self.waiter = None
         self._drop_attempt()
         self._release(None)
         self._finish()
 
     def _deadline_passed(self, waited: float) -> None:
+        if self.waiter is not None:
+            self.gateway.admission.timed_out(self)
+            return
         name = self.tried[-1].name
         setting = "proxy.first_token_timeout_seconds" if self.stream and not self.last_attempt \
             else "proxy.response_timeout_seconds"
@@ -353,7 +375,7 @@ class Exchange:
         self.pending = None
         name = self.tried[-1].name
         if response.code >= 500 and self.retries_left > 0 \
-                and self.gateway.any_available(exclude=self.tried):
+                and self.gateway.any_available(exclude=self.tried, model=self.model):
             self._cancel_deadline()
             response.discard()
             self._release(False, f"backend {name} answered HTTP {response.code}")
@@ -456,7 +478,8 @@ class Exchange:
         else:
             sink.fail(500, "internal gateway error", "internal_error", False)
 
-    def _fail(self, status: int, message: str, code: str, retry_after: bool = False) -> None:
+    def _fail(self, status: int, message: str, code: str,
+              retry_after: Union[bool, int] = False) -> None:
         self.status = status
         if self.info is not None:
             self.info.upstream_failed = True
@@ -471,13 +494,15 @@ def server_timing(request: Request) -> None:
 
 
 def answer_error(request: Request, status: int, message: str, code: str,
-                 retry_after: bool = False) -> None:
+                 retry_after: Union[bool, int] = False) -> None:
     if request.finished or request.disconnected:
         return
     server_timing(request)
     if retry_after:
-        request.setHeader(b"Retry-After", b"1")
-    send_error(request, status, message, code)
+        # True is 1; admission says how many seconds from the drain rate.
+        request.setHeader(b"Retry-After", b"%d" % retry_after)
+    send_error(request, status, message, code,
+               "fleet_saturated" if status == 429 else None)
 
 
 def end_response(request: Request, complete: bool, sse: bool, why: Optional[str]) -> None:

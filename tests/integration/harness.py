@@ -107,8 +107,23 @@ class MetricsFault(Resource):
         self.hung: List[Any] = []
         # True: no /health (404) but "Ollama is running" at /, as Ollama.
         self.ollama = False
+        # Generation requests: how many at once (and the most ever), and
+        # (arrived, x-tenant, ended) for each, in order of arrival.
+        self.active = 0
+        self.peak = 0
+        self.log: List[List[Any]] = []
 
     def render(self, request: Any) -> Any:
+        if request.method == b"POST" and request.path.startswith(b"/v1/"):
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            entry = [reactor.seconds(), request.getHeader(b"x-tenant"), None]
+            self.log.append(entry)
+
+            def ended(_: Any) -> None:
+                self.active -= 1
+                entry[2] = reactor.seconds()
+            request.notifyFinish().addBoth(ended)
         if self.ollama and request.path == b"/health":
             request.setResponseCode(404)
             return b"404 page not found"

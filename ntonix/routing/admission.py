@@ -1,0 +1,372 @@
+"""Admission: who may go to a backend now, who waits, who is refused.
+
+A backend has room while it has fewer requests in flight than its
+``max_concurrency`` (and, with ``balancer.backend_queue_limit``, while its
+metrics report no longer a queue than that). A request for which no eligible
+backend has room waits here, before anything is sent upstream, for at most
+``balancer.queue_timeout_seconds``; a full queue or a wait that runs out is a
+429 with a Retry-After computed from how fast the fleet has been finishing
+requests lately.
+
+Order: higher priority classes first (``critical``, ``standard``,
+``sheddable``); within a class, tenants in weighted fair order, so a
+tenant that floods the gateway waits behind its own requests, not in front of
+everyone else's. A request is admitted the moment a slot frees, one per slot:
+the freed slot is taken before anything else runs, so there is no herd.
+Sheddable requests are refused without waiting once the queue is
+``balancer.sheddable_queue_share`` full, and a full queue makes room for a
+higher class by refusing its newest lowest-class request.
+
+A tenant is the value of ``tenants.header``, or a hash of the Authorization
+credential (never the credential itself), or ``anonymous``.
+"""
+
+import math
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
+
+import attrs
+import xxhash
+from twisted.logger import Logger
+
+from ntonix.config import PRIORITIES
+
+if TYPE_CHECKING:
+    from ntonix.gateway import Gateway
+    from ntonix.routing.backend import Backend
+
+log = Logger(namespace="ntonix.routing.admission")
+
+ANONYMOUS = "anonymous"
+OTHER = "other"
+# Finished requests remembered for the drain rate (the last 10 s, bounded).
+RATE_WINDOW = 10.0
+RATE_SAMPLES = 4096
+# The refusal reasons, as the error code and the metric's label say them.
+QUEUE_FULL, QUEUE_TIMEOUT, SHED = "queue_full", "queue_timeout", "shed"
+
+
+def tenant_id(raw: Optional[bytes], by_header: bool) -> str:
+    """The tenant a request belongs to, from the tenant header's value or
+    the Authorization credential (hashed: it is a secret)."""
+    if not raw:
+        return ANONYMOUS
+    if by_header:
+        return raw[:64].decode("latin-1")
+    return "key-" + xxhash.xxh3_64_hexdigest(raw)[:12]
+
+
+@attrs.define(eq=False)
+class Waiter:
+    exchange: Any
+    tenant: str
+    priority: str
+    queued_at: float
+    done: bool = False
+    tag: float = 0.0  # its place in fair order within its class
+
+
+class ClassQueue:
+    """One priority class: per-tenant FIFO queues, served in weighted fair
+    order (virtual finish times, as in weighted fair queueing): each request is tagged, when it
+    arrives, with its tenant's virtual finish time, ``max(now, the
+    tenant's last tag) + 1 / weight``, and the smallest tag among the
+    tenants' first requests goes next. A tenant with a backlog therefore
+    gets its weight's share, and a tenant that was idle starts at "now",
+    with no credit saved up."""
+
+    def __init__(self) -> None:
+        self.tenants: Dict[str, Deque[Waiter]] = {}
+        self.last_tag: Dict[str, float] = {}
+        self.vtime = 0.0
+        self.count = 0
+
+    def push(self, w: Waiter, weight: float) -> None:
+        q = self.tenants.get(w.tenant)
+        if q is None:
+            q = self.tenants[w.tenant] = deque()
+        w.tag = max(self.vtime, self.last_tag.get(w.tenant, 0.0)) + 1.0 / weight
+        self.last_tag[w.tenant] = w.tag
+        q.append(w)
+        self.count += 1
+
+    def remove(self, w: Waiter) -> None:
+        q = self.tenants.get(w.tenant)
+        if q is None:
+            return
+        try:
+            q.remove(w)
+        except ValueError:
+            return
+        self.count -= 1
+        if not q:
+            self._drop(w.tenant)
+
+    def _drop(self, tenant: str) -> None:
+        del self.tenants[tenant]
+        if self.last_tag.get(tenant, 0.0) <= self.vtime:
+            self.last_tag.pop(tenant, None)
+
+    def newest(self) -> Optional[Waiter]:
+        best = None
+        for q in self.tenants.values():
+            if q and (best is None or q[-1].queued_at >= best.queued_at):
+                best = q[-1]
+        return best
+
+    def pop(self, can_admit: Any) -> Optional[Waiter]:
+        """The next request in fair order among those whose model has room
+        somewhere, or None. One look at each tenant's first request."""
+        best: Optional[Waiter] = None
+        for q in self.tenants.values():
+            w = q[0]
+            if (best is None or w.tag < best.tag) and can_admit(w):
+                best = w
+        if best is None:
+            return None
+        q = self.tenants[best.tenant]
+        q.popleft()
+        self.count -= 1
+        self.vtime = best.tag
+        if not q:
+            self._drop(best.tenant)
+        return best
+
+
+class Admission:
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gateway = gateway
+        self.queues: Dict[str, ClassQueue] = {p: ClassQueue() for p in PRIORITIES}
+        self.finished: Deque[float] = deque(maxlen=RATE_SAMPLES)
+        self.tracked: Dict[str, None] = {}
+        # Counters: (priority, tenant label) -> n; refusals also by reason.
+        self.queued: Dict[Tuple[str, str], int] = {}
+        self.admitted: Dict[str, int] = {p: 0 for p in PRIORITIES}
+        self.refused: Dict[Tuple[str, str, str], int] = {}
+        self.waits: List[Any] = []  # set by Metrics: histogram children by priority
+        self._pump_call: Any = None
+
+    # -- configuration-derived facts
+    @property
+    def total(self) -> int:
+        return sum(q.count for q in self.queues.values())
+
+    def classify(self, raw_tenant: Optional[bytes]) -> Tuple[str, str]:
+        t = self.gateway.config.tenants
+        tenant = tenant_id(raw_tenant, bool(t.header))
+        cls = t.classes.get(tenant)
+        priority = cls.get("priority", t.default_priority) if cls else t.default_priority
+        return tenant, priority
+
+    def weight_of(self, tenant: str) -> float:
+        cls = self.gateway.config.tenants.classes.get(tenant)
+        return float(cls.get("weight", 1)) if cls else 1.0
+
+    def label(self, tenant: str) -> str:
+        """A bounded metrics label: the first ``tenants.max_tracked``
+        tenants seen have their own, the rest share ``other``."""
+        if tenant in self.tracked:
+            return tenant
+        if len(self.tracked) < self.gateway.config.tenants.max_tracked:
+            self.tracked[tenant] = None
+            return tenant
+        return OTHER
+
+    # -- room
+    def room(self, exchange: Any) -> List["Backend"]:
+        """Candidates for ``exchange`` with room; raises LookupError when it
+        has no candidate at all (every backend down or not serving it)."""
+        gw = self.gateway
+        cands = gw.candidates(exchange.tried, exchange.model)
+        if not cands and exchange.tried:
+            # A single backend: a stale pooled connection is the usual cause
+            # of a connect-level failure, so the same backend may take it.
+            cands = gw.candidates((), exchange.model) if exchange.same_backend_ok else []
+        if not cands:
+            raise LookupError
+        limit = gw.config.balancer.backend_queue_limit
+        fresh_after = gw.reactor.seconds() - 3 * gw.config.balancer.scrape_interval_seconds
+        out = []
+        for b in cands:
+            cap = b.max_concurrency
+            if cap and b.in_flight >= cap:
+                continue
+            if limit and b.load is not None and b.load.at >= fresh_after \
+                    and b.load.waiting > limit:
+                continue
+            out.append(b)
+        return out
+
+    # -- the request's side
+    def admit(self, exchange: Any) -> None:
+        """Send ``exchange`` now, or queue it, or refuse it."""
+        try:
+            room = self.room(exchange)
+        except LookupError:
+            exchange.no_backend()
+            return
+        if room and not self.total:
+            self.admitted[exchange.priority] += 1
+            exchange.send(room)
+            return
+        self._enqueue(exchange)
+        self.pump()
+
+    def _enqueue(self, exchange: Any) -> None:
+        bal = self.gateway.config.balancer
+        now = self.gateway.reactor.seconds()
+        priority = exchange.priority
+        tenant = exchange.tenant
+        total = self.total
+        if priority == "sheddable" and total >= bal.sheddable_queue_share * bal.queue_size:
+            self._refuse(exchange, tenant, priority, SHED)
+            return
+        if total >= bal.queue_size:
+            victim = self._lowest_below(priority)
+            if victim is None:
+                self._refuse(exchange, tenant, priority, QUEUE_FULL)
+                return
+            self.queues[victim.priority].remove(victim)
+            victim.done = True
+            self._refuse(victim.exchange, victim.tenant, victim.priority, SHED)
+        w = Waiter(exchange, tenant, priority, now)
+        exchange.waiter = w
+        exchange.deadline_at = now + bal.queue_timeout_seconds
+        self.queues[priority].push(w, self.weight_of(tenant))
+        key = (priority, self.label(tenant))
+        self.queued[key] = self.queued.get(key, 0) + 1
+        self._arm()
+
+    def _lowest_below(self, priority: str) -> Optional[Waiter]:
+        rank = PRIORITIES.index(priority)
+        for p in reversed(PRIORITIES[rank + 1:]):
+            w = self.queues[p].newest()
+            if w is not None:
+                return w
+        return None
+
+    def leave(self, w: Waiter) -> None:
+        """The client went away, or the wait ran out: out of the queue now."""
+        if not w.done:
+            w.done = True
+            self.queues[w.priority].remove(w)
+
+    def timed_out(self, exchange: Any) -> None:
+        w = exchange.waiter
+        self.leave(w)
+        self._refuse(exchange, w.tenant, w.priority, QUEUE_TIMEOUT)
+
+    def _refuse(self, exchange: Any, tenant: str, priority: str, reason: str) -> None:
+        key = (priority, self.label(tenant), reason)
+        self.refused[key] = self.refused.get(key, 0) + 1
+        bal = self.gateway.config.balancer
+        if reason == QUEUE_TIMEOUT:
+            why = (f"the fleet is saturated: no backend had room within "
+                   f"{bal.queue_timeout_seconds:g}s (balancer.queue_timeout_seconds)")
+        elif reason == SHED:
+            why = "the fleet is saturated: sheddable requests are refused while it is"
+        else:
+            why = (f"the fleet is saturated: {bal.queue_size} requests are already waiting "
+                   "(balancer.queue_size)")
+        exchange.refused(why, reason, self.retry_after())
+
+    # -- the fleet's side
+    def released(self) -> None:
+        """A request to some backend ended: a slot may be free."""
+        self.finished.append(self.gateway.reactor.seconds())
+        if self.total:
+            self.pump()
+
+    def pump(self) -> None:
+        """Admit waiting requests while some backend has room for them."""
+        while self.total:
+            w = None
+            for p in PRIORITIES:
+                q = self.queues[p]
+                if q.count:
+                    w = q.pop(self._can_admit)
+                    if w is not None:
+                        break
+            if w is None:
+                return
+            w.done = True
+            ex = w.exchange
+            ex.waiter = None
+            ex.deadline_at = None
+            waited = self.gateway.reactor.seconds() - w.queued_at
+            if ex.info is not None:
+                ex.info.queue_seconds = waited
+            self.gateway.metrics.observe_queue_wait(w.priority, waited)
+            self.admitted[w.priority] += 1
+            try:
+                ex.send(self.room(ex))
+            except LookupError:
+                ex.no_backend()
+
+    def _can_admit(self, w: Waiter) -> bool:
+        try:
+            return bool(self.room(w.exchange))
+        except LookupError:
+            return True  # let it through to its 503 rather than wait for nothing
+
+    def _arm(self) -> None:
+        """While requests wait, look again now and then: a backend that
+        recovers or whose queue drains frees room without any release."""
+        if self._pump_call is None or not self._pump_call.active():
+            self._pump_call = self.gateway.reactor.callLater(0.1, self._tick)
+
+    def _tick(self) -> None:
+        self._pump_call = None
+        try:
+            self.pump()
+        except Exception:
+            log.failure("admitting waiting requests")
+        if self.total:
+            self._arm()
+
+    def drain_rate(self) -> Optional[float]:
+        """Requests the fleet finished per second, lately."""
+        now = self.gateway.reactor.seconds()
+        while self.finished and self.finished[0] < now - RATE_WINDOW:
+            self.finished.popleft()
+        if len(self.finished) < 2:
+            return None
+        span = max(now - self.finished[0], 0.5)
+        return len(self.finished) / span
+
+    def retry_after(self) -> int:
+        """Seconds until the queue ahead has probably drained: from the
+        recent drain rate, between 1 and 60."""
+        rate = self.drain_rate()
+        if rate is None:
+            return max(1, min(60, math.ceil(self.gateway.config.balancer.queue_timeout_seconds)))
+        return max(1, min(60, math.ceil((self.total + 1) / rate)))
+
+    def close(self) -> None:
+        if self._pump_call is not None and self._pump_call.active():
+            self._pump_call.cancel()
+
+    def as_json(self) -> Dict[str, Any]:
+        now = self.gateway.reactor.seconds()
+        bal = self.gateway.config.balancer
+        tenants = []
+        for p in PRIORITIES:
+            for tenant, q in self.queues[p].tenants.items():
+                tenants.append({"tenant": tenant, "priority": p, "waiting": len(q),
+                                "weight": self.weight_of(tenant),
+                                "oldest_wait_seconds": round(now - q[0].queued_at, 3)})
+        rate = self.drain_rate()
+        return {
+            "waiting": self.total,
+            "by_priority": {p: self.queues[p].count for p in PRIORITIES},
+            "tenants": tenants,
+            "queue_size": bal.queue_size, "queue_timeout_seconds": bal.queue_timeout_seconds,
+            "drain_rate_per_second": None if rate is None else round(rate, 3),
+            "retry_after_seconds": self.retry_after(),
+            "admitted": dict(self.admitted),
+            "refused": [{"priority": p, "tenant": t, "reason": r, "count": n}
+                        for (p, t, r), n in sorted(self.refused.items())],
+            "backends": [{"name": b.name, "in_flight": b.in_flight,
+                          "max_concurrency": b.max_concurrency or None}
+                         for b in self.gateway.backends],
+        }
