@@ -91,6 +91,10 @@ class Helpers:
         b.breaker.reset()
         return Text(f"{b.name} circuit closed")
 
+    def queue(self) -> Text:
+        """The admission queue: who waits, for how long, who was refused."""
+        return Text(json.dumps(self.gateway.admission.as_json(), indent=2))
+
     def cache_stats(self) -> Text:
         """The response cache's counters, as GET /cache/stats shows them."""
         return Text(json.dumps(self.gateway.cache.as_json(), indent=2))
@@ -122,7 +126,7 @@ class Helpers:
         return ns
 
 
-HELPERS = ("backends", "drain", "undrain", "open_circuit", "reset_circuit", "cache_stats",
+HELPERS = ("backends", "drain", "undrain", "open_circuit", "reset_circuit", "queue", "cache_stats",
            "flush_cache", "config", "reload")
 
 

@@ -72,6 +72,8 @@ async def test_drain_through_the_console_stops_traffic(mocks, gateway_factory, c
     assert a.count() == 0 and b.count() == 6
     out = await type_line(shell, "cache_stats()", "max_size_bytes")
     assert '"bypasses": 6' in out
+    out = await type_line(shell, "queue()", "retry_after_seconds")
+    assert '"waiting": 0' in out and '"standard": 6' in out
     out = await type_line(shell, f"undrain('{a.address}')", "healthy")
     for _ in range(4):
         assert await chat() == 200
