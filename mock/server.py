@@ -117,6 +117,36 @@ def error_body(message: str, type_: str, code: Optional[str]) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
 
 
+def tool_call_of(body: Dict[str, Any], seed: int) -> Optional[Dict[str, Any]]:
+    """The tool call the mock answers with when the request offers tools
+    (and does not say ``tool_choice: "none"``): the named tool, or the
+    first, with one made-up word per declared parameter; deterministic."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if not isinstance(tools, list) or not tools or choice == "none":
+        return None
+    fns = [t.get("function") for t in tools
+           if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    if not fns:
+        return None
+    fn = fns[0]
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        fn = next((f for f in fns if f.get("name") == wanted), fn)
+    params = fn.get("parameters")
+    props = params.get("properties") if isinstance(params, dict) else None
+    names = sorted(props) if isinstance(props, dict) and props else ["query"]
+    rng = random.Random(seed ^ 0x5EED)
+    args = json.dumps({n: rng.choice(VOCAB) for n in names})
+    return {"id": f"call_{seed:016x}", "type": "function",
+            "function": {"name": str(fn.get("name", "tool")), "arguments": args}}
+
+
+def arg_pieces(args: str) -> List[str]:
+    """Arguments streamed as a server does: a few characters per event."""
+    return [args[i:i + 8] for i in range(0, len(args), 8)]
+
+
 @implementer(IPushProducer)
 class TokenStream:
     """Writes one SSE event per token, pausing when the reader pushes back."""
@@ -134,6 +164,10 @@ class TokenStream:
         self.n_tokens = n_tokens
         self.prompt_tokens = len(text.split())
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.tool_call = tool_call_of(body, seed) if route == "chat" else None
+        if self.tool_call is not None:
+            self.arg_pieces = arg_pieces(self.tool_call["function"]["arguments"])
+            self.n_tokens = len(self.arg_pieces)
         self.reset_at = reset_at
         self.sent = 0
         self.paused = False
@@ -169,8 +203,14 @@ class TokenStream:
     def start(self) -> None:
         self.mock.stats.streams_started += 1
         self.request.registerProducer(self, True)
-        self._write_event(self._chunk({"role": "assistant", "content": ""}, None)
-                          if self.route == "chat" else None)
+        if self.tool_call is not None:
+            call = self.tool_call
+            self._write_event(self._chunk({"role": "assistant", "content": None, "tool_calls": [
+                {"index": 0, "id": call["id"], "type": "function",
+                 "function": {"name": call["function"]["name"], "arguments": ""}}]}, None))
+        else:
+            self._write_event(self._chunk({"role": "assistant", "content": ""}, None)
+                              if self.route == "chat" else None)
         self._schedule(self.mock.knobs.ttft_ms)
 
     def _schedule(self, delay_ms: float) -> None:
@@ -201,6 +241,11 @@ class TokenStream:
             if self.sent >= self.n_tokens:
                 self._finish()
                 return
+            if self.tool_call is not None:
+                self._write_event(self._chunk({"tool_calls": [{"index": 0, "function": {
+                    "arguments": self.arg_pieces[self.sent]}}]}, None))
+                self.sent += 1
+                continue
             word = self.rng.choice(VOCAB)
             token = word if self.sent == 0 else " " + word
             self.sent += 1
@@ -230,7 +275,7 @@ class TokenStream:
         self.request.write(data)
 
     def _finish(self) -> None:
-        self._write_event(self._chunk({}, "stop"))
+        self._write_event(self._chunk({}, "tool_calls" if self.tool_call else "stop"))
         if self.include_usage:
             usage = self._chunk({}, None)
             usage["choices"] = []
@@ -438,20 +483,33 @@ class MockLLM(Resource):
         text = prompt_text(route, body)
         seed = answer_seed(model, text)
         rng = random.Random(seed)
-        words = [rng.choice(VOCAB) for _ in range(n_tokens)]
-        content = " ".join(words)
-        usage = usage_of(len(text.split()), n_tokens)
+        n = body.get("n", 1)
+        n = n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 16 else 1
+        contents = []
+        for i in range(n):
+            # The first choice is the one a stream of the same request sends.
+            r = rng if i == 0 else random.Random(seed + i)
+            contents.append(" ".join(r.choice(VOCAB) for _ in range(n_tokens)))
+        call = tool_call_of(body, seed) if route == "chat" else None
+        usage = usage_of(len(text.split()), n_tokens * n)
+        if call is not None:
+            usage = usage_of(len(text.split()), len(arg_pieces(call["function"]["arguments"])))
         if route == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": c},
+                        "logprobs": None, "finish_reason": "stop"}
+                       for i, c in enumerate(contents)]
+            if call is not None:
+                choices = [{"index": 0, "message": {"role": "assistant", "content": None,
+                                                    "tool_calls": [call]},
+                            "logprobs": None, "finish_reason": "tool_calls"}]
             obj = {"id": f"chatcmpl-{seed:016x}", "object": "chat.completion",
                    "created": CREATED, "model": model, "system_fingerprint": "fp_mock",
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                "logprobs": None, "finish_reason": "stop"}],
-                   "usage": usage}
+                   "choices": choices, "usage": usage}
         else:
             obj = {"id": f"cmpl-{seed:016x}", "object": "text_completion", "created": CREATED,
                    "model": model, "system_fingerprint": "fp_mock",
-                   "choices": [{"index": 0, "text": content, "logprobs": None,
-                                "finish_reason": "stop"}],
+                   "choices": [{"index": i, "text": c, "logprobs": None,
+                                "finish_reason": "stop"} for i, c in enumerate(contents)],
                    "usage": usage}
         request.write(self._json(request, obj))
         request.finish()

@@ -10,6 +10,10 @@ while a lone slow client still pushes back on the backend as a direct relay
 does. When the last client leaves, the upstream request is cancelled. A
 complete 200 is stored in the cache.
 
+A client that asked in the other framing (a plain request while a stream is
+being generated, or the reverse) is a ``ConvertingSubscriber``: it gets the
+whole answer, converted, when the flight ends.
+
 A ``Replay`` answers a cache hit from a stored entry, at once or paced at the
 recorded cadence.
 """
@@ -20,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ntonix.cache.convert import json_to_sse, sse_to_json
 from ntonix.cache.store import Entry, ResponseStore
 from ntonix.http.request import Request
 from ntonix.upstream.relay import answer_error, end_response, server_timing
@@ -119,15 +124,98 @@ class Subscriber:
         answer_error(self.request, status, message, code, retry_after)
 
 
+def converted_entry(entry: Entry, stream: bool, include_usage: bool) -> Optional[Entry]:
+    """``entry`` in the other framing, or None when it does not convert
+    faithfully (see ``convert.py``)."""
+    body = b"".join(entry.chunks)
+    headers = [(n, v) for n, v in entry.headers
+               if n.lower() not in (b"content-type", b"cache-control")]
+    if stream:
+        events = json_to_sse(body, include_usage)
+        if events is None:
+            return None
+        # Paced replay spreads the events over the time the backend took.
+        step = entry.duration / len(events) if events else 0.0
+        return Entry(code=entry.code, phrase=entry.phrase,
+                     headers=[(b"Content-Type", b"text/event-stream"),
+                              (b"Cache-Control", b"no-cache"), *headers],
+                     chunks=events, sse=True, stored_at=entry.stored_at,
+                     expires_at=entry.expires_at,
+                     times=[step * (i + 1) for i in range(len(events))],
+                     duration=entry.duration)
+    data = sse_to_json(body)
+    if data is None:
+        return None
+    return Entry(code=entry.code, phrase=entry.phrase,
+                 headers=[(b"Content-Type", b"application/json"), *headers], chunks=[data],
+                 sse=False, stored_at=entry.stored_at, expires_at=entry.expires_at,
+                 duration=entry.duration)
+
+
+class ConvertingSubscriber:
+    """A client of a flight in the other framing: nothing can be sent until
+    the whole answer is there, then it gets it converted at once."""
+
+    def __init__(self, flight: "Flight", request: Request, stream: bool,
+                 include_usage: bool) -> None:
+        self.flight = flight
+        self.request = request
+        self.stream = stream
+        self.include_usage = include_usage
+        self.index = 0  # keeps every chunk of the flight until the end
+        self.paused = False
+        self.finished = False
+        self.gone = False
+        request.when_done(self._done)
+
+    def _done(self, reason: Any) -> None:
+        if reason is not None:
+            self.gone = True
+            self.flight.leave(self)
+
+    def start(self) -> None:
+        pass  # the head waits for the whole answer
+
+    def pump(self) -> None:
+        f = self.flight
+        if self.finished or self.gone or not f.ended:
+            return
+        self.finished = True
+        f.leave(self)
+        entry = converted_entry(f.entry(), self.stream, self.include_usage) \
+            if f.complete and f.code == 200 else None
+        if entry is not None:
+            Replay(entry, self.request, f.clock, False).start()
+            return
+        f.store.stats.unconvertible += 1
+        why = ("the answer this request shared was cut: " + (f.why or "upstream failed")
+               if not f.complete else
+               f"the shared answer (HTTP {f.code}) cannot be served in this format")
+        self.fail(502, why, "shared_answer_unusable", False)
+
+    def fail(self, status: int, message: str, code: str, retry_after: Any) -> None:
+        self.finished = True
+        if self.gone:
+            return
+        info = self.request.info
+        if info is not None:
+            info.upstream_failed = True
+        self.request.setHeader(b"X-Cache", b"HIT")
+        answer_error(self.request, status, message, code, retry_after)
+
+
 class Flight:
     """The shared answer to one question, while it is being generated."""
 
-    def __init__(self, key: bytes, store: ResponseStore, now: Callable[[], float],
-                 on_done: Callable[["Flight"], None]) -> None:
+    def __init__(self, key: bytes, store: ResponseStore, clock: Any,
+                 on_done: Callable[["Flight"], None], stream: bool = False) -> None:
         self.key = key
         self.store = store
-        self.now = now
+        self.clock = clock
+        self.now = clock.seconds
         self.on_done = on_done
+        self.stream = stream  # the framing its leader asked for
+        self.started_at = self.now()
         self.exchange: Optional["Exchange"] = None
         self.subscribers: List[Subscriber] = []
         self.code = 0
@@ -159,6 +247,21 @@ class Flight:
         if self.code:
             sub.start()
         return sub
+
+    def join_converting(self, request: Request, stream: bool,
+                        include_usage: bool) -> ConvertingSubscriber:
+        sub = ConvertingSubscriber(self, request, stream, include_usage)
+        self.subscribers.append(sub)  # type: ignore[arg-type]
+        return sub
+
+    def entry(self) -> Entry:
+        """The answer as a cache entry (once it ended complete)."""
+        now = self.now()
+        return Entry(code=self.code, phrase=self.phrase, headers=self.headers,
+                     chunks=self.chunks, sse=self.sse, stored_at=now,
+                     expires_at=now + self.store.ttl,
+                     times=self.times if self.sse else None,
+                     duration=now - self.started_at)
 
     def leave(self, sub: Subscriber) -> None:
         if sub in self.subscribers:
@@ -208,12 +311,7 @@ class Flight:
         self._resume_upstream()
         self.upstream = None
         if complete and self.code == 200 and self.recording:
-            now = self.now()
-            entry = Entry(code=self.code, phrase=self.phrase, headers=self.headers,
-                          chunks=self.chunks, sse=self.sse, stored_at=now,
-                          expires_at=now + self.store.ttl,
-                          times=self.times if self.sse else None)
-            self.store.put(self.key, entry)
+            self.store.put(self.key, self.entry())
         self._detach()
         for sub in list(self.subscribers):
             sub.pump()

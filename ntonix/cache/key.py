@@ -3,10 +3,13 @@
 The key is xxh3_128 over the request's canonical JSON (sorted keys, compact
 separators, integral floats written as integers so that 1 and 1.0 match)
 without the fields that do not change the answer (``stream``,
-``stream_options``, ``user``), plus the route, whether the answer is streamed
-(a non-streamed request is never answered with SSE, nor the reverse), and by
-default a hash of the ``Authorization`` credential, so a hit never gives a
-client what its own credential could not get.
+``stream_options``, ``user``), plus the route, and by default a hash of the
+``Authorization`` credential, so a hit never gives a client what its own
+credential could not get. A streamed and a plain request for the same prompt
+share a key: one answer serves both, converted (``convert.py``). Requests
+whose answers cannot be converted faithfully (``n`` > 1) get a key per
+format. The whole request is hashed, so conversations of any length that
+differ anywhere never share an entry.
 """
 
 import json
@@ -39,16 +42,25 @@ def credential_hash(authorization: Optional[bytes]) -> bytes:
     return xxhash.xxh3_64_digest(authorization or b"")
 
 
-def cache_key(route: str, doc: dict, streamed: bool, authorization: Optional[bytes],
-              scope: str = "credential") -> bytes:
+def cache_key(route: str, doc: dict, authorization: Optional[bytes],
+              scope: str = "credential", fmt: bytes = b"any") -> bytes:
+    """``fmt``: ``any`` (one entry for both framings), or ``sse`` / ``json``
+    for an answer that is only ever served as it came."""
     h = xxhash.xxh3_128()
     h.update(route.encode())
-    h.update(b"\x00sse\x00" if streamed else b"\x00json\x00")
+    h.update(b"\x00" + fmt + b"\x00")
     if scope == "credential":
         h.update(credential_hash(authorization))
     h.update(b"\x00")
     h.update(canonical(doc))
     return h.digest()
+
+
+def convertible(doc: dict) -> bool:
+    """Whether the answer to ``doc`` may be served in the other framing:
+    one choice only."""
+    n = doc.get("n", 1)
+    return n is None or n == 1
 
 
 def is_sampled(doc: dict) -> bool:

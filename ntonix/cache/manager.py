@@ -8,8 +8,8 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ntonix.cache.flight import Flight, Replay
-from ntonix.cache.key import cache_key, is_sampled
+from ntonix.cache.flight import Flight, Replay, converted_entry
+from ntonix.cache.key import cache_key, convertible, is_sampled
 from ntonix.cache.store import ResponseStore
 from ntonix.config import CacheConfig
 from ntonix.http.request import Request
@@ -29,6 +29,8 @@ class Decision:
     key: Optional[bytes] = None
     lookup: bool = False  # may be answered from the store or an in-flight twin
     store: bool = False  # its complete answer may be kept
+    stream: bool = False  # the client asked for SSE
+    include_usage: bool = False  # ... with a usage chunk (stream_options)
 
 
 def cache_control(request: Request) -> set:
@@ -73,16 +75,33 @@ class ResponseCache:
             self.stats.bypasses += 1
             return Decision(BYPASS)
         auth = request.requestHeaders.getRawHeaders(b"authorization", [None])[0]
-        key = cache_key(route, doc, stream, auth, self.config.scope)
+        if convertible(doc):
+            fmt = b"any"
+        else:
+            # n > 1: served only as it came, under a key of its own format.
+            self.stats.unconvertible += 1
+            fmt = b"sse" if stream else b"json"
+        key = cache_key(route, doc, auth, self.config.scope, fmt)
+        options = doc.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
         if b"no-cache" in cc:
             self.stats.bypasses += 1
-            return Decision(BYPASS, key, lookup=False, store=True)
-        return Decision(MISS, key, lookup=True, store=True)
+            return Decision(BYPASS, key, lookup=False, store=True, stream=stream,
+                            include_usage=usage)
+        return Decision(MISS, key, lookup=True, store=True, stream=stream, include_usage=usage)
 
     def answer_from_cache(self, decision: Decision, request: Request) -> bool:
         """Answer ``request`` from the store or by joining its twin in flight."""
         assert decision.key is not None
         entry = self.store.get(decision.key)
+        if entry is not None and entry.sse != decision.stream:
+            # Stored in the other framing: served converted when it converts
+            # faithfully; otherwise a miss, whose answer replaces it.
+            entry = converted_entry(entry, decision.stream, decision.include_usage)
+            if entry is None:
+                self.stats.unconvertible += 1
+            else:
+                self.stats.converted += 1
         if entry is not None:
             self.stats.hits += 1
             annotate(request, cache="HIT", sse=entry.sse)
@@ -92,14 +111,19 @@ class ResponseCache:
         if flight is not None and flight.joinable:
             self.stats.coalesced += 1
             annotate(request, cache="HIT")
-            flight.join(request, HIT)
+            if flight.stream == decision.stream:
+                flight.join(request, HIT)
+            else:
+                self.stats.converted += 1
+                flight.join_converting(request, decision.stream, decision.include_usage)
             return True
         self.stats.misses += 1
         return False
 
     def new_flight(self, decision: Decision) -> Flight:
         assert decision.key is not None
-        flight = Flight(decision.key, self.store, self.clock.seconds, self._landed)
+        flight = Flight(decision.key, self.store, self.clock, self._landed,
+                        stream=decision.stream)
         # A no-cache request gets its own fresh answer; it does not displace
         # a twin already in flight under the same key.
         self.flights.setdefault(decision.key, flight)

@@ -30,6 +30,9 @@ class Entry:
     expires_at: float
     times: Optional[List[float]] = None
     size: int = 0
+    # Seconds the backend took for the whole answer (paces a JSON answer
+    # replayed as a stream).
+    duration: float = 0.0
 
     def compute_size(self) -> int:
         head = sum(len(n) + len(v) for n, v in self.headers)
@@ -47,6 +50,9 @@ class CacheStats:
     expired: int = 0
     stores: int = 0
     too_large: int = 0
+    # Hits and joins served in the other framing; answers that could not be.
+    converted: int = 0
+    unconvertible: int = 0
 
 
 class ResponseStore:
@@ -124,4 +130,5 @@ class ResponseStore:
             "size_bytes": self.size_bytes, "max_size_bytes": self.max_bytes,
             "coalesced": s.coalesced, "bypasses": s.bypasses, "stores": s.stores,
             "too_large": s.too_large, "ttl_seconds": self.ttl,
+            "converted": s.converted, "unconvertible": s.unconvertible,
         }

@@ -41,11 +41,13 @@ async def test_repeated_prompt_reaches_backend_once(mocks, gateway_factory):
     assert a.count() == 1
     s = await stats(gw)
     assert (s["hits"], s["misses"], s["entries"], s["hit_rate"]) == (4, 1, 1, 0.8)
-    # Other prompts, other parameters and the streamed form are other questions.
+    # Other prompts and other parameters are other questions; the streamed
+    # form is the same question, served from the same entry.
     await ask(gw, text="another")
     await ask(gw, max_tokens=3)
-    await ask(gw, stream=True)
-    assert a.count() == 4
+    r, _ = await ask(gw, stream=True)
+    assert header(r, b"x-cache") == b"HIT"
+    assert a.count() == 3
 
 
 @pytest_twisted.ensureDeferred
@@ -61,9 +63,12 @@ async def test_streamed_hit_replays_same_events(mocks, gateway_factory):
     assert header(r2, b"content-type") == b"text/event-stream"
     assert reactor.seconds() - start < 0.15  # instant replay by default
     assert a.count() == 1
-    # The non-streamed form of the same question is not answered with SSE.
+    # The non-streamed form of the same question is answered from the same
+    # entry, as JSON, never as SSE.
     r3, body = await ask(gw, max_tokens=10)
-    assert header(r3, b"x-cache") == b"MISS" and json.loads(body)["object"] == "chat.completion"
+    assert header(r3, b"x-cache") == b"HIT" and json.loads(body)["object"] == "chat.completion"
+    assert header(r3, b"content-type") == b"application/json"
+    assert a.count() == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -9,8 +9,8 @@ from ntonix.cache.store import ENTRY_OVERHEAD, Entry, ResponseStore
 BASE = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
 
 
-def key(doc=None, route="chat", stream=False, auth=b"Bearer a", scope="credential"):
-    return cache_key(route, doc if doc is not None else BASE, stream, auth, scope)
+def key(doc=None, route="chat", fmt=b"any", auth=b"Bearer a", scope="credential"):
+    return cache_key(route, doc if doc is not None else BASE, auth, scope, fmt)
 
 
 def test_key_ignores_order_whitespace_number_form_and_delivery_fields():
@@ -34,10 +34,28 @@ def test_key_changes_with_what_changes_the_answer(change):
 
 def test_key_separates_routes_delivery_and_credentials():
     assert key(route="completions") != key()
-    assert key(stream=True) != key()  # SSE is never served for JSON, nor the reverse
+    # One entry serves both framings, except answers kept in their own.
+    assert key({**BASE, "stream": True}) == key()
+    assert key(fmt=b"sse") != key() and key(fmt=b"json") != key(fmt=b"sse")
     assert key(auth=b"Bearer b") != key()
     assert key(auth=None) != key()
     assert key(auth=b"Bearer b", scope="global") == key(auth=b"Bearer a", scope="global")
+
+
+def test_big_conversations_differing_deep_inside_never_share_a_key():
+    import random
+    rng = random.Random(4)
+    words = ["alpha", "beta", "gamma", "delta", "épsilon", "ζήτα", "\U0001f600"]
+    turns = [{"role": ["user", "assistant"][i % 2],
+              "content": " ".join(rng.choice(words) for _ in range(400))} for i in range(40)]
+    one = {**BASE, "messages": turns}
+    assert len(canonical(one)) > 100_000
+    middle = [dict(t) for t in turns]
+    text = middle[20]["content"]
+    middle[20]["content"] = text[:1000] + ("x" if text[1000] != "x" else "y") + text[1001:]
+    other = {**BASE, "messages": middle}
+    assert key(one) != key(other)
+    assert key(one) == key({**BASE, "messages": [dict(t) for t in turns]})
 
 
 def test_sampled_rules():
