@@ -8,10 +8,12 @@ prefill + w_lora * lora``, every term in 0..1:
 - queue: how far below the busiest candidate its load is, the load being its
   requests in flight from this gateway plus, while its last scrape is fresh,
   the running + waiting requests its metrics reported beyond ours (other
-  gateways' and clients'); min-max normalised over the candidates, as the
-  Gateway API Inference Extension's queue scorer does;
+  gateways' and clients'), over the larger of the candidates' spread and
+  their mean load + 1 (so one request more than an idle backend is not the
+  whole range, as a plain min-max scale would make it);
 - prefill: the same for the prompt tokens sent there whose prefill has not
-  ended (a big prefill delays every first token behind it);
+  ended (a big prefill delays every first token behind it), over the larger
+  of the spread and this prompt's own tokens;
 - lora: 1 where the requested adapter is loaded (per the backend's
   ``vllm:lora_requests_info``), 0 where it would have to be loaded.
 
@@ -104,11 +106,15 @@ class InferenceScorer:
         total = sum(loads)
         qmin, qmax = min(loads), max(loads)
         fmin, fmax = min(prefills), max(prefills)
-        # Scale factors instead of a division per candidate.
-        qk = wq / (qmax - qmin) if qmax > qmin else 0.0
-        fk = wf / (fmax - fmin) if fmax > fmin else 0.0
-        base = (0.0 if qk else wq) + (0.0 if fk else wf)
-        limit = self.spill_ratio * total / len(pool) + 2.0
+        mean = total / len(pool)
+        # Differences count against a scale that means something, not only
+        # against each other: one request more than an idle backend is not
+        # the whole range, and 70 tokens of someone else's prefill are
+        # nothing beside the 3,000 this prompt would prefill on a miss.
+        qk = wq / max(qmax - qmin, mean + 1.0)
+        fk = wf / max(fmax - fmin, ctx.prompt_bytes / 4.0, 1.0)
+        base = 0.0
+        limit = self.spill_ratio * mean + 2.0
         pk = wp / n_blocks if n_blocks else 0.0
         lora = wl and ctx.adapter
 
