@@ -8,7 +8,9 @@ few are very popular and arrive concurrently), half of them streamed, all
 deterministic (temperature 0), through the gateway in front of one mock
 backend, and prints the share of client requests that never reached the
 backend (counted by the mock itself) beside the best any cache could do on
-this workload (one backend request per distinct question). Then it measures
+this workload (one backend request per distinct question): first with one
+entry per framing (``cache.cross_format=false``), then with one answer
+serving streamed and plain requests alike (the default). Then it measures
 cache hits alone: requests/s at 64 clients and p99 latency, against the mock
 answering the same requests directly. Everything runs on 127.0.0.1 and every
 loop is bounded.
@@ -82,31 +84,47 @@ async def replay(reactor: Any, port: int, work: List[Tuple[int, bool]], clients:
 
 
 async def run(reactor: Any, args: argparse.Namespace) -> None:
-    mock, mock_port, gw, gw_port = await start_children(
-        reactor, ["--ttft-ms", "30", "--itl-ms", "5"])
-    try:
-        await measure(reactor, args, mock_port, gw_port)
-    finally:
-        await stop_children(reactor, gw, mock)
-
-
-async def measure(reactor: Any, args: argparse.Namespace, mock_port: int, gw_port: int) -> None:
-
     n = 1000 if args.quick else 4000
     work = zipf_workload(n, pool=300, s=1.1, seed=7)
-    distinct = len(set(work))
+    prompts = len({p for p, _ in work})
+    pairs = len(set(work))
+    print(f"workload: {n} requests, {prompts} distinct prompts, {pairs} distinct (prompt, "
+          "framing) pairs (Zipf s=1.1 over 300 prompts, half streamed), 32 clients", flush=True)
+    # The same workload with one entry per framing, then with one answer
+    # serving both (the default), each on a fresh mock and gateway.
+    for cross in (False, True):
+        mock, mock_port, gw, gw_port = await start_children(
+            reactor, ["--ttft-ms", "30", "--itl-ms", "5"],
+            ["--set", f"cache.cross_format={'true' if cross else 'false'}"])
+        try:
+            await workload_saving(reactor, work, mock_port, gw_port, cross,
+                                  prompts if cross else pairs)
+            if cross:
+                await hit_speed(reactor, args, work, mock_port, gw_port)
+        finally:
+            await stop_children(reactor, gw, mock)
+
+
+async def workload_saving(reactor: Any, work: List[Tuple[int, bool]], mock_port: int,
+                          gw_port: int, cross: bool, distinct: int) -> None:
+    n = len(work)
     elapsed = await replay(reactor, gw_port, work, clients=32, limit_s=120)
     backend = (await get_json(reactor, mock_port, "/stats"))["by_path"]["/v1/chat/completions"]
     cache = await get_json(reactor, gw_port, "/cache/stats")
     saved = 100.0 * (n - backend) / n
     best = 100.0 * (n - distinct) / n
-    print(f"workload: {n} requests, {distinct} distinct questions (Zipf s=1.1 over 300 prompts, "
-          f"half streamed), 32 clients, replayed in {elapsed:.1f}s", flush=True)
+    print(f"cache.cross_format={'true' if cross else 'false'}"
+          f" ({'one answer serves both framings' if cross else 'one entry per framing'}),"
+          f" replayed in {elapsed:.1f}s", flush=True)
     print(f"  backend requests: {backend}  -> backend requests saved: {saved:.1f}% "
-          f"(best possible on this workload: {best:.1f}%)", flush=True)
-    print(f"  gateway cache: {cache['hits']} hits, {cache['coalesced']} coalesced into "
-          f"in-flight twins, {cache['misses']} misses, {cache['entries']} entries, "
-          f"{cache['size_bytes'] / 1024:.0f} KB", flush=True)
+          f"(best possible with this setting: {best:.1f}%)", flush=True)
+    print(f"  gateway cache: {cache['hits']} hits ({cache['converted']} served in the other "
+          f"framing), {cache['coalesced']} coalesced into in-flight twins, {cache['misses']} "
+          f"misses, {cache['entries']} entries, {cache['size_bytes'] / 1024:.0f} KB", flush=True)
+
+
+async def hit_speed(reactor: Any, args: argparse.Namespace, work: List[Tuple[int, bool]],
+                    mock_port: int, gw_port: int) -> None:
 
     hot = sorted({p for p, s in work if not s})[:50]
     secs = 3 if args.quick else 8

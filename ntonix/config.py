@@ -130,6 +130,8 @@ class CacheConfig:
     replay: str = setting("instant", choices=("instant", "paced"),
                           help="replay cached streams at once or at the recorded pace")
     max_entry_mb: float = setting(8, min=0, help="largest single cached answer")
+    cross_format: bool = setting(True, help="serve a cached plain answer to a streamed request "
+                                            "(converted) and the reverse")
 
 
 @frozen

@@ -75,7 +75,9 @@ class ResponseCache:
             self.stats.bypasses += 1
             return Decision(BYPASS)
         auth = request.requestHeaders.getRawHeaders(b"authorization", [None])[0]
-        if convertible(doc):
+        if not self.config.cross_format:
+            fmt = b"sse" if stream else b"json"
+        elif convertible(doc):
             fmt = b"any"
         else:
             # n > 1: served only as it came, under a key of its own format.

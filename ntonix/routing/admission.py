@@ -15,7 +15,9 @@ everyone else's. A request is admitted the moment a slot frees, one per slot:
 the freed slot is taken before anything else runs, so there is no herd.
 Sheddable requests are refused without waiting once the queue is
 ``balancer.sheddable_queue_share`` full, and a full queue makes room for a
-higher class by refusing its newest lowest-class request.
+higher class by refusing its newest lowest-class request (``shed``), and
+within a class for a tenant under its share by refusing the newest request
+of the tenant furthest over it (``queue_full``).
 
 A tenant is the value of ``tenants.header``, or a hash of the Authorization
 credential (never the credential itself), or ``anonymous``.
@@ -222,13 +224,17 @@ class Admission:
             self._refuse(exchange, tenant, priority, SHED)
             return
         if total >= bal.queue_size:
-            victim = self._lowest_below(priority)
+            victim, reason = self._lowest_below(priority), SHED
+            if victim is None:
+                # Same class: the tenant furthest over its share gives up
+                # its newest place, so a flood cannot keep others out.
+                victim, reason = self._hog(priority, tenant), QUEUE_FULL
             if victim is None:
                 self._refuse(exchange, tenant, priority, QUEUE_FULL)
                 return
             self.queues[victim.priority].remove(victim)
             victim.done = True
-            self._refuse(victim.exchange, victim.tenant, victim.priority, SHED)
+            self._refuse(victim.exchange, victim.tenant, victim.priority, reason)
         w = Waiter(exchange, tenant, priority, now)
         exchange.waiter = w
         exchange.deadline_at = now + bal.queue_timeout_seconds
@@ -244,6 +250,19 @@ class Admission:
             if w is not None:
                 return w
         return None
+
+    def _hog(self, priority: str, tenant: str) -> Optional[Waiter]:
+        """The newest request of the tenant with the most places per unit of
+        weight in ``priority``, if it holds more than ``tenant`` would with
+        one more."""
+        q = self.queues[priority]
+        mine = (len(q.tenants.get(tenant, ())) + 1) / self.weight_of(tenant)
+        worst, worst_share = None, mine
+        for t, waiting in q.tenants.items():
+            share = len(waiting) / self.weight_of(t)
+            if t != tenant and share > worst_share:
+                worst, worst_share = waiting[-1], share
+        return worst
 
     def leave(self, w: Waiter) -> None:
         """The client went away, or the wait ran out: out of the queue now."""

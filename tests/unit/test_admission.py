@@ -97,3 +97,59 @@ def test_retry_after_follows_the_drain_rate():
     adm.queues["standard"].count = 0
     clock.advance(30)  # the window forgets
     assert adm.drain_rate() is None
+
+
+class Ex:
+    """Just what the admission queue asks of an exchange."""
+
+    def __init__(self, tenant, priority="standard"):
+        self.tenant, self.priority = tenant, priority
+        self.tried, self.model, self.same_backend_ok = [], None, False
+        self.waiter = self.deadline_at = self.info = None
+        self.outcome = None
+
+    def refused(self, why, reason, retry_after):
+        self.outcome = reason
+
+    def send(self, room):
+        self.outcome = "sent"
+
+    def no_backend(self):
+        self.outcome = "503"
+
+
+def full_gateway(queue_size):
+    from ntonix.config import BackendConfig
+    clock = Clock()
+    cfg = Config()
+    cfg = attrs.evolve(cfg, backends=(BackendConfig("127.0.0.1", 9, max_concurrency=1),),
+                       balancer=attrs.evolve(cfg.balancer, queue_size=queue_size))
+    gw = Gateway(cfg, clock)
+    gw.backends[0].in_flight = 1  # full
+    return gw
+
+
+def test_full_queue_makes_room_for_a_tenant_under_its_share():
+    gw = full_gateway(4)
+    big = [Ex("big") for _ in range(4)]
+    for e in big:
+        gw.admission.admit(e)
+    assert gw.admission.total == 4
+    small = Ex("small")
+    gw.admission.admit(small)
+    assert small.outcome is None and small.waiter is not None  # queued
+    assert big[-1].outcome == "queue_full" and [e.outcome for e in big[:3]] == [None] * 3
+    # The flood's next request finds no one further over the share than itself.
+    again = Ex("big")
+    gw.admission.admit(again)
+    assert again.outcome == "queue_full"
+
+
+def test_full_queue_sheds_a_lower_class_for_a_higher_one():
+    gw = full_gateway(2)
+    low = [Ex("batch", "sheddable"), Ex("std")]
+    for e in low:
+        gw.admission.admit(e)
+    urgent = Ex("ops", "critical")
+    gw.admission.admit(urgent)
+    assert low[0].outcome == "shed" and urgent.waiter is not None
