@@ -248,10 +248,19 @@ async def start_gateway(reactor: Any, mock_port: int, args: List[str],
     ``output``: a file for its stdout and stderr (else a pipe to this process)."""
     # This tree's gateway: no admin listener (several run at once), its admin
     # routes on the public port to the bench's token (ADMIN_AUTH).
-    admin = [] if twistd else ["--set", "admin.http_port=-1", "--set", "admin.token=bench"]
+    admin = ["--set", "admin.http_port=-1", "--set", "admin.token=bench"]
+    if twistd and not _knows_admin_listener(twistd):
+        admin = []  # a revision from before the admin listener (5e979be)
     return await start_twistd(reactor, "gateway", lambda port: [
         "ntonix", "--port", str(port), "--bind", "127.0.0.1",
         "--backend", f"127.0.0.1:{mock_port}", *admin, *args], twistd, prefix, output)
+
+
+def _knows_admin_listener(twistd: str) -> bool:
+    """Whether the tree a previous revision's twistd was built from has
+    ``admin.http_port`` (otherwise two of them would both take 9180)."""
+    config = Path(twistd).parents[2] / "ntonix" / "config.py"
+    return config.exists() and "http_port" in config.read_text()
 
 
 async def start_twistd(reactor: Any, what: str, argv: Callable[[int], List[str]],

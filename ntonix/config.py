@@ -167,6 +167,9 @@ class HealthConfig:
 
 @frozen
 class ProxyConfig:
+    stream_usage: bool = setting(True, help="ask backends for a stream's usage chunk when the "
+                                            "client did not, to count its tokens (the chunk "
+                                            "is taken out before the client sees it)")
     connect_timeout_seconds: float = setting(5.0, min=0.001, help="backend TCP connect timeout")
     response_timeout_seconds: float = setting(120.0, cli="--response-timeout", min=0.001,
                                               help="wait for the backend's response head (else 504)")

@@ -49,6 +49,7 @@ class Gateway:
         self.cache = ResponseCache(config.cache, reactor)
         self.admission = Admission(self)
         self.metrics = Metrics(self)
+        self.cache.on_saved = self.metrics.tokens_saved
         self.active_relays = 0
         # Deferreds waiting for the end of the drain delay; None once it ended.
         self._drain_waiters: Optional[List[Any]] = None
@@ -58,6 +59,10 @@ class Gateway:
         self.draining = False
         # Models that are LoRA adapters on some backend (from /v1/models).
         self.adapters: frozenset = frozenset()
+        # Facts about the backends that per-request code asks: does any know
+        # its models, does any have a concurrency limit (kept, not scanned).
+        self.models_known = False
+        self.limited = False
         # Called after the backend list changes (the health checker listens).
         self.on_backends_changed: List[Callable[[], None]] = []
         self._set_backends(config.backends)
@@ -136,6 +141,11 @@ class Gateway:
                 self.balancer.forget(gone)
                 log.info("backend {backend} removed", backend=gone.name)
         self.backends = kept
+        self._backends_changed()
+
+    def _backends_changed(self) -> None:
+        self.models_known = any(b.models_known for b in self.backends)
+        self.limited = any(b.max_concurrency for b in self.backends)
         for listener in list(self.on_backends_changed):
             listener()
 
@@ -152,8 +162,7 @@ class Gateway:
             self.backends = [b for b in self.backends if b is not backend]
             self.balancer.forget(backend)
             log.info("backend {backend} drained and removed", backend=backend.name)
-            for listener in list(self.on_backends_changed):
-                listener()
+            self._backends_changed()
 
     def find(self, name: str) -> Optional[Backend]:
         return next((b for b in self.backends if b.name == name), None)
@@ -193,6 +202,8 @@ class Gateway:
     def unserved(self, model: str) -> bool:
         """No backend serves ``model``, as far as is known: every backend's
         list is known (configured or reported) and none names it."""
+        if not self.models_known:
+            return False
         live = [b for b in self.backends if not b.removed]
         return bool(live) and all(b.models_known and not b.serves(model) for b in live)
 
@@ -211,6 +222,7 @@ class Gateway:
 
     def models_changed(self) -> None:
         """A backend's reported list changed: recompute the adapters."""
+        self.models_known = any(b.models_known for b in self.backends)
         self.adapters = frozenset(
             m for b in self.backends for m, entry in (b.reported or {}).items()
             if isinstance(entry, dict) and entry.get("parent"))

@@ -142,14 +142,14 @@ def converted_entry(entry: Entry, stream: bool, include_usage: bool) -> Optional
                      chunks=events, sse=True, stored_at=entry.stored_at,
                      expires_at=entry.expires_at,
                      times=[step * (i + 1) for i in range(len(events))],
-                     duration=entry.duration)
+                     duration=entry.duration, usage=entry.usage)
     data = sse_to_json(body)
     if data is None:
         return None
     return Entry(code=entry.code, phrase=entry.phrase,
                  headers=[(b"Content-Type", b"application/json"), *headers], chunks=[data],
                  sse=False, stored_at=entry.stored_at, expires_at=entry.expires_at,
-                 duration=entry.duration)
+                 duration=entry.duration, usage=entry.usage)
 
 
 class ConvertingSubscriber:
@@ -207,14 +207,22 @@ class ConvertingSubscriber:
 class Flight:
     """The shared answer to one question, while it is being generated."""
 
+    keeps_usage = True  # the exchange hands it the answer's usage
+
     def __init__(self, key: bytes, store: ResponseStore, clock: Any,
-                 on_done: Callable[["Flight"], None], stream: bool = False) -> None:
+                 on_done: Callable[["Flight"], None], stream: bool = False,
+                 model: Optional[str] = None,
+                 on_saved: Optional[Callable[..., None]] = None) -> None:
         self.key = key
         self.store = store
         self.clock = clock
         self.now = clock.seconds
         self.on_done = on_done
         self.stream = stream  # the framing its leader asked for
+        self.model = model
+        self.on_saved = on_saved  # (model, usage, times): tokens joiners did not cost
+        self.usage: Optional[tuple] = None
+        self.joined = 0
         self.started_at = self.now()
         self.exchange: Optional["Exchange"] = None
         self.subscribers: List[Subscriber] = []
@@ -261,7 +269,7 @@ class Flight:
                      chunks=self.chunks, sse=self.sse, stored_at=now,
                      expires_at=now + self.store.ttl,
                      times=self.times if self.sse else None,
-                     duration=now - self.started_at)
+                     duration=now - self.started_at, usage=self.usage)
 
     def leave(self, sub: Subscriber) -> None:
         if sub in self.subscribers:
@@ -307,6 +315,8 @@ class Flight:
 
     def end(self, complete: bool, why: Optional[str]) -> None:
         self.ended, self.complete, self.why = True, complete, why
+        if complete and self.joined and self.on_saved is not None:
+            self.on_saved(self.model, self.usage, self.joined)
         self.exchange = None
         self._resume_upstream()
         self.upstream = None

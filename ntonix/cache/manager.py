@@ -1,7 +1,7 @@
 """The cache as the request path sees it: the policy for one request, the
 store of complete answers, and the map of answers being generated."""
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import attrs
 from twisted.application.service import Service
@@ -30,6 +30,7 @@ class Decision:
     lookup: bool = False  # may be answered from the store or an in-flight twin
     store: bool = False  # its complete answer may be kept
     stream: bool = False  # the client asked for SSE
+    model: Optional[str] = None
     include_usage: bool = False  # ... with a usage chunk (stream_options)
 
 
@@ -47,6 +48,8 @@ class ResponseCache:
         self.store = ResponseStore(int(config.max_size_mb * MB), config.ttl_seconds,
                                    int(config.max_entry_mb * MB), clock.seconds)
         self.flights: Dict[bytes, Flight] = {}
+        # (model, usage, times=1): the tokens a hit saved (set by the gateway).
+        self.on_saved: Optional[Callable[..., None]] = None
 
     @property
     def enabled(self) -> bool:
@@ -86,11 +89,13 @@ class ResponseCache:
         key = cache_key(route, doc, auth, self.config.scope, fmt)
         options = doc.get("stream_options")
         usage = isinstance(options, dict) and options.get("include_usage") is True
+        model = doc.get("model") if isinstance(doc.get("model"), str) else None
         if b"no-cache" in cc:
             self.stats.bypasses += 1
             return Decision(BYPASS, key, lookup=False, store=True, stream=stream,
-                            include_usage=usage)
-        return Decision(MISS, key, lookup=True, store=True, stream=stream, include_usage=usage)
+                            include_usage=usage, model=model)
+        return Decision(MISS, key, lookup=True, store=True, stream=stream, include_usage=usage,
+                        model=model)
 
     def answer_from_cache(self, decision: Decision, request: Request) -> bool:
         """Answer ``request`` from the store or by joining its twin in flight."""
@@ -106,12 +111,15 @@ class ResponseCache:
                 self.stats.converted += 1
         if entry is not None:
             self.stats.hits += 1
+            if self.on_saved is not None:
+                self.on_saved(decision.model, entry.usage)
             annotate(request, cache="HIT", sse=entry.sse)
             Replay(entry, request, self.clock, self.config.replay == "paced").start()
             return True
         flight = self.flights.get(decision.key)
         if flight is not None and flight.joinable:
             self.stats.coalesced += 1
+            flight.joined += 1
             annotate(request, cache="HIT")
             if flight.stream == decision.stream:
                 flight.join(request, HIT)
@@ -125,7 +133,7 @@ class ResponseCache:
     def new_flight(self, decision: Decision) -> Flight:
         assert decision.key is not None
         flight = Flight(decision.key, self.store, self.clock, self._landed,
-                        stream=decision.stream)
+                        stream=decision.stream, model=decision.model, on_saved=self.on_saved)
         # A no-cache request gets its own fresh answer; it does not displace
         # a twin already in flight under the same key.
         self.flights.setdefault(decision.key, flight)

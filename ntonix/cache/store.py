@@ -33,6 +33,8 @@ class Entry:
     # Seconds the backend took for the whole answer (paces a JSON answer
     # replayed as a stream).
     duration: float = 0.0
+    # (prompt, completion, cached prompt) tokens, when the answer said.
+    usage: Optional[tuple] = None
 
     def compute_size(self) -> int:
         head = sum(len(n) + len(v) for n, v in self.headers)

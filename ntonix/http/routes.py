@@ -34,6 +34,7 @@ from ntonix.observe.access import (
 )
 from ntonix.upstream.headers import sane_request_id, upstream_header_block
 from ntonix.upstream.relay import ClientSink, Exchange
+from ntonix.upstream.usage import inject_include_usage
 
 if TYPE_CHECKING:
     from ntonix.gateway import Gateway
@@ -364,6 +365,14 @@ class Router:
         request.info.sse = stream
         if decision is not None and decision.lookup and cache.answer_from_cache(decision, request):
             return
+        strip_usage = False
+        if stream and route != ROUTE_EMBEDDINGS and "stream_options" not in doc \
+                and gw.config.proxy.stream_usage:
+            # Ask for the usage chunk (to count tokens); it is taken out
+            # before the client, who did not ask, sees it.
+            asked = inject_include_usage(body)
+            if asked is not None:
+                body, strip_usage = asked, True
         headers = upstream_header_block(request.requestHeaders.raw, request.requestHeaders.lower,
                                         request.client_ip, request.request_id, request.secure,
                                         len(body))
@@ -376,6 +385,7 @@ class Router:
         exchange = Exchange(gw, request.method, request.uri, headers, body,
                             request.request_id, stream, sink, info=request.info, model=model,
                             route=gw.route_context(route, doc, stream),
-                            tenant=self._tenant(request))
+                            tenant=self._tenant(request), account=True,
+                            strip_usage=strip_usage)
         sink.exchange = exchange
         exchange.start()

@@ -35,6 +35,7 @@ class RequestInfo:
     gateway_seconds: Optional[float] = None
     upstream_seconds: Optional[float] = None
     queue_seconds: Optional[float] = None  # waited for a free backend
+    tokens: Optional[tuple] = None  # (prompt, completion) from the answer's usage
 
     def timing(self, now: float) -> str:
         """Set and return the Server-Timing value for a head written ``now``.
@@ -75,7 +76,9 @@ def log_access(info: RequestInfo, status: int, bytes_sent: int) -> None:
         ttft_ms=ttfb if info.sse else None, stream=info.sse, chunks=info.chunks,
         cache=info.cache or "-", backend=info.backend or "-", retries=info.retries,
         outcome=info.outcome, gateway_ms=ms(0, info.gateway_seconds),
-        upstream_ms=ms(0, info.upstream_seconds),
+        upstream_ms=ms(0, info.upstream_seconds), queue_ms=ms(0, info.queue_seconds),
+        prompt_tokens=info.tokens[0] if info.tokens else None,
+        completion_tokens=info.tokens[1] if info.tokens else None,
     )
 
 

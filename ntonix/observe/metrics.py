@@ -28,6 +28,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    30.0, 60.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 CIRCUIT_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+# The OpenTelemetry GenAI semantic conventions' advised bucket boundaries.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+# Models with their own label value; the rest are counted as "other".
+MAX_MODEL_LABELS = 50
 
 
 def _rss_bytes() -> int:
@@ -47,6 +56,7 @@ class GatewayCollector:
 
     def collect(self) -> Iterable[Any]:
         gw = self.gateway
+        m = self.metrics
         g = GaugeMetricFamily
         c = CounterMetricFamily
         yield g("ntonix_uptime_seconds", "Seconds since the gateway started", value=gw.uptime())
@@ -118,6 +128,16 @@ class GatewayCollector:
         for (p, t, why), n in adm.refused.items():
             refused.add_metric([p, t, why], n)
         yield from (length, admitted, queued, refused)
+        tokens = c("ntonix_tokens", "Tokens in answers, as the backends' usage says (type: "
+                   "prompt, completion, cached_prompt)",
+                   labels=["model", "backend", "tenant", "type"])
+        for key, n in m.token_counts.items():
+            tokens.add_metric(list(key), n)
+        saved = c("ntonix_cache_tokens_saved", "Tokens of answers served by the cache instead "
+                  "of a backend (hits and joins)", labels=["model", "type"])
+        for key, n in m.saved_counts.items():
+            saved.add_metric(list(key), n)
+        yield from (tokens, saved)
         s = gw.cache.store
         st = s.stats
         yield c("ntonix_cache_hits", "Requests answered from the cache", value=st.hits)
@@ -220,8 +240,32 @@ class Metrics:
         self.queue_wait = LocalHistogram("ntonix_queue_wait_seconds",
                                          "Time requests waited in the admission queue for a "
                                          "free backend (only those that waited)", ["priority"])
+        # The OpenTelemetry GenAI conventions' server metrics, by model.
+        self.genai_ttft = LocalHistogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time from request received to the first token, streams (GenAI conventions)",
+            ["gen_ai_request_model", "backend"], TTFT_BUCKETS)
+        self.genai_tpot = LocalHistogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token after the first, streams (GenAI conventions)",
+            ["gen_ai_request_model", "backend"], TPOT_BUCKETS)
+        self.genai_duration = LocalHistogram(
+            "gen_ai_server_request_duration_seconds",
+            "Generation request duration (GenAI conventions)",
+            ["gen_ai_request_model"], DURATION_BUCKETS)
+        self.genai_tokens = LocalHistogram(
+            "gen_ai_client_token_usage", "Tokens per answer (GenAI conventions; "
+            "gen_ai_token_type input or output)",
+            ["gen_ai_request_model", "gen_ai_token_type"], TOKEN_BUCKETS)
+        # (model, backend, tenant, type) -> tokens; (model, type) -> tokens.
+        self.token_counts: Dict[tuple, int] = {}
+        self.saved_counts: Dict[tuple, int] = {}
+        self._models: Dict[str, None] = {}
+        self._genai_children: Dict[tuple, tuple] = {}
+        self.gateway = gateway
         r.register(_Histograms([self.latency, self.ttft, self.stream_duration, self.overhead,
-                                self.backend_latency, self.queue_wait]))
+                                self.backend_latency, self.queue_wait, self.genai_ttft,
+                                self.genai_tpot, self.genai_duration, self.genai_tokens]))
         self.active = 0
         self.sites: list = []
         self._children: Dict[tuple, tuple] = {}
@@ -234,6 +278,65 @@ class Metrics:
     @property
     def connections_total(self) -> int:
         return sum(s.connections_total for s in self.sites)
+
+    def model_label(self, model: Optional[str]) -> str:
+        """A bounded label: the first MAX_MODEL_LABELS models asked for."""
+        if not model:
+            return "unknown"
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODEL_LABELS:
+            self._models[model[:128]] = None
+            return model[:128]
+        return "other"
+
+    def answered(self, exchange: Any, usage: Optional[tuple], events: int) -> None:
+        """A generation answer ended complete: its tokens and GenAI timings."""
+        now = self.gateway.reactor.seconds()
+        backend = exchange.backend_name or "none"
+        key = (exchange.model, backend)
+        children = self._genai_children.get(key)
+        if children is None:
+            model = self.model_label(exchange.model)
+            children = self._genai_children[key] = (
+                model, self.genai_duration.labels(model), self.genai_ttft.labels(model, backend),
+                self.genai_tpot.labels(model, backend), self.genai_tokens.labels(model, "input"),
+                self.genai_tokens.labels(model, "output"))
+        model, duration, ttft, tpot, tokens_in, tokens_out = children
+        info = exchange.info
+        start = info.received_at if info is not None else exchange.attempt_started
+        duration.observe(max(0.0, now - start))
+        completion = None
+        if usage is not None:
+            prompt, completion, cached = usage
+            tenant = self.gateway.admission.label(exchange.tenant)
+            counts = self.token_counts
+            for kind, n in (("prompt", prompt), ("completion", completion),
+                            ("cached_prompt", cached)):
+                if n:
+                    k = (model, backend, tenant, kind)
+                    counts[k] = counts.get(k, 0) + n
+            tokens_in.observe(prompt)
+            tokens_out.observe(completion)
+            if info is not None:
+                info.tokens = (prompt, completion)
+        first = exchange.first_byte_at
+        if exchange.sse and first is not None:
+            ttft.observe(max(0.0, first - start))
+            # Without usage, count the events: the role chunk, the last one
+            # and [DONE] are not tokens.
+            n = completion if completion is not None else events - 3
+            if n > 1:
+                tpot.observe((now - first) / (n - 1))
+
+    def tokens_saved(self, model: Optional[str], usage: Any, times: int = 1) -> None:
+        """The cache answered ``times`` requests whose answer had ``usage``."""
+        if usage is None or times <= 0:
+            return
+        label = self.model_label(model)
+        for kind, n in (("prompt", usage[0]), ("completion", usage[1])):
+            key = (label, kind)
+            self.saved_counts[key] = self.saved_counts.get(key, 0) + n * times
 
     def observe_queue_wait(self, priority: str, seconds: float) -> None:
         self.queue_wait.labels(priority).observe(seconds)

@@ -145,20 +145,24 @@ class Admission:
         self.queued: Dict[Tuple[str, str], int] = {}
         self.admitted: Dict[str, int] = {p: 0 for p in PRIORITIES}
         self.refused: Dict[Tuple[str, str, str], int] = {}
-        self.waits: List[Any] = []  # set by Metrics: histogram children by priority
+        self.waiting = 0
         self._pump_call: Any = None
 
     # -- configuration-derived facts
     @property
     def total(self) -> int:
-        return sum(q.count for q in self.queues.values())
+        """Requests waiting, all classes (kept as a count: read per request)."""
+        return self.waiting
 
-    def classify(self, raw_tenant: Optional[bytes]) -> Tuple[str, str]:
+    def tenant_of(self, raw_tenant: Optional[bytes]) -> str:
+        return tenant_id(raw_tenant, bool(self.gateway.config.tenants.header))
+
+    def priority_of(self, raw_tenant: Optional[bytes]) -> str:
         t = self.gateway.config.tenants
-        tenant = tenant_id(raw_tenant, bool(t.header))
-        cls = t.classes.get(tenant)
-        priority = cls.get("priority", t.default_priority) if cls else t.default_priority
-        return tenant, priority
+        if not t.classes:
+            return t.default_priority  # no tenant named: no hash to compute
+        cls = t.classes.get(tenant_id(raw_tenant, bool(t.header)))
+        return cls.get("priority", t.default_priority) if cls else t.default_priority
 
     def weight_of(self, tenant: str) -> float:
         cls = self.gateway.config.tenants.classes.get(tenant)
@@ -187,6 +191,8 @@ class Admission:
         if not cands:
             raise LookupError
         limit = gw.config.balancer.backend_queue_limit
+        if not limit and not gw.limited:
+            return cands  # no backend has a limit: all have room
         fresh_after = gw.reactor.seconds() - 3 * gw.config.balancer.scrape_interval_seconds
         out = []
         for b in cands:
@@ -207,7 +213,7 @@ class Admission:
         except LookupError:
             exchange.no_backend()
             return
-        if room and not self.total:
+        if room and not self.waiting:
             self.admitted[exchange.priority] += 1
             exchange.send(room)
             return
@@ -233,12 +239,14 @@ class Admission:
                 self._refuse(exchange, tenant, priority, QUEUE_FULL)
                 return
             self.queues[victim.priority].remove(victim)
+            self.waiting -= 1
             victim.done = True
             self._refuse(victim.exchange, victim.tenant, victim.priority, reason)
         w = Waiter(exchange, tenant, priority, now)
         exchange.waiter = w
         exchange.deadline_at = now + bal.queue_timeout_seconds
         self.queues[priority].push(w, self.weight_of(tenant))
+        self.waiting += 1
         key = (priority, self.label(tenant))
         self.queued[key] = self.queued.get(key, 0) + 1
         self._arm()
@@ -269,6 +277,7 @@ class Admission:
         if not w.done:
             w.done = True
             self.queues[w.priority].remove(w)
+            self.waiting -= 1
 
     def timed_out(self, exchange: Any) -> None:
         w = exchange.waiter
@@ -292,8 +301,10 @@ class Admission:
     # -- the fleet's side
     def released(self) -> None:
         """A request to some backend ended: a slot may be free."""
-        self.finished.append(self.gateway.reactor.seconds())
-        if self.total:
+        if self.gateway.limited:
+            # The drain rate matters only where requests can wait.
+            self.finished.append(self.gateway.reactor.seconds())
+        if self.waiting:
             self.pump()
 
     def pump(self) -> None:
@@ -308,6 +319,7 @@ class Admission:
                         break
             if w is None:
                 return
+            self.waiting -= 1
             w.done = True
             ex = w.exchange
             ex.waiter = None

@@ -31,6 +31,7 @@ from ntonix.routing.scorer import RouteContext, attempt_ended, prefill_ended
 from ntonix.upstream.connection import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from ntonix.upstream.headers import RawHeaders, client_response_headers, request_line
 from ntonix.upstream.sse import first_content_end
+from ntonix.upstream.usage import UsageTap, usage_numbers
 
 if TYPE_CHECKING:
     from ntonix.gateway import Gateway
@@ -48,6 +49,9 @@ CONNECT_FAILURES = (
 # What a gated stream may hold before its first content event: past this the
 # backend is plainly sending, so the response is committed anyway.
 HOLD_LIMIT = 256 * 1024
+# The bytes of a JSON answer kept from before its last read, for a usage
+# object cut between two reads.
+TAIL = 512
 # A body of known length up to this size is written without pausing the
 # backend for a slow client: the most it can hold in the gateway is this
 # much, and registering a producer costs more than such a body takes.
@@ -164,10 +168,20 @@ class Exchange:
     timeout); it calls ``cancel()`` when nobody wants the answer.
     """
 
+    # One per request: slots make it cheaper to build and to read.
+    __slots__ = ("gateway", "clock", "idle_timeout", "method", "path", "header_block", "body",
+                 "request_id", "stream", "sink", "retries_left", "tried", "backend",
+                 "attempt_started", "pending", "pipe", "response", "deadline_at", "waited",
+                 "last_attempt", "committed", "sse", "status", "bytes_in", "cancelled", "done",
+                 "info", "first_byte_at", "model", "route", "tenant_raw", "_tenant",
+                 "priority", "waiter", "same_backend_ok", "account", "strip_usage", "tap",
+                 "json_tail")
+
     def __init__(self, gateway: "Gateway", method: bytes, path: bytes, header_block: bytes,
                  body: bytes, request_id: bytes, stream: bool, sink: Any,
                  info: Any = None, model: Optional[str] = None,
-                 route: Optional[RouteContext] = None, tenant: Optional[bytes] = None) -> None:
+                 route: Optional[RouteContext] = None, tenant: Optional[bytes] = None,
+                 account: bool = False, strip_usage: bool = False) -> None:
         self.gateway = gateway
         self.clock = gateway.reactor
         self.idle_timeout = gateway.config.proxy.stream_idle_timeout_seconds
@@ -200,10 +214,27 @@ class Exchange:
         self.first_byte_at: Optional[float] = None
         self.model = model  # only backends that serve it are candidates
         self.route = route  # the inference scorer's view of the prompt
-        # Who asks, at which priority (the admission queue's order).
-        self.tenant, self.priority = gateway.admission.classify(tenant)
+        # Who asks (hashed only when needed), at which priority.
+        self.tenant_raw = tenant
+        self._tenant: Optional[str] = None
+        tenants = gateway.config.tenants
+        self.priority = gateway.admission.priority_of(tenant) if tenants.classes \
+            else tenants.default_priority
         self.waiter: Any = None  # while it waits in the admission queue
         self.same_backend_ok = False
+        # Token accounting (generation routes): usage read from the answer;
+        # with strip_usage the gateway asked for a stream's usage chunk the
+        # client did not ask for, and takes it out again.
+        self.account = account
+        self.strip_usage = strip_usage
+        self.tap: Optional[UsageTap] = None
+        self.json_tail: Optional[bytes] = None
+
+    @property
+    def tenant(self) -> str:
+        if self._tenant is None:
+            self._tenant = self.gateway.admission.tenant_of(self.tenant_raw)
+        return self._tenant
 
     @property
     def backend_name(self) -> Optional[str]:
@@ -389,6 +420,12 @@ class Exchange:
         ctype = response.header(b"content-type")
         self.sse = ctype.lower().startswith(b"text/event-stream")
         gated = self.stream and self.sse and response.code == 200
+        if self.account and response.code == 200:
+            if self.sse:
+                self.tap = UsageTap(True, self.strip_usage)
+            else:
+                # A JSON answer's usage is in its last bytes: keep those.
+                self.json_tail = b""
         if not gated:
             self._cancel_deadline()
         self.pipe = ResponsePipe(self, gated)
@@ -419,6 +456,12 @@ class Exchange:
         self.bytes_in += len(data)
         if self.route is not None:
             self.route.output_events += data.count(b"data:")
+        if self.tap is not None:
+            data = self.tap.feed(data)
+            if not data:
+                return
+        elif self.json_tail is not None:
+            self.json_tail = self.json_tail[-TAIL:] + data if self.json_tail else data
         self.sink.write(data)
 
     def response_headers(self) -> RawHeaders:
@@ -429,6 +472,21 @@ class Exchange:
     def body_done(self, complete: bool, why: Optional[str], timed_out: bool) -> None:
         """The upstream body ended: completely, or not."""
         self.pipe = None
+        tap = self.tap
+        usage = None
+        if tap is not None:
+            rest = tap.end()
+            if rest:
+                self.sink.write(rest)
+            usage = tap.usage
+            if complete:
+                self.gateway.metrics.answered(self, usage, tap.events)
+        elif self.json_tail is not None:
+            usage = usage_numbers(self.json_tail)
+            if complete:
+                self.gateway.metrics.answered(self, usage, 0)
+        if usage is not None and self.sink.keeps_usage:
+            self.sink.usage = usage  # a cache flight keeps it with the entry
         if not complete:
             name = self.tried[-1].name
             idle = self.gateway.config.proxy.stream_idle_timeout_seconds
@@ -525,6 +583,8 @@ def end_response(request: Request, complete: bool, sse: bool, why: Optional[str]
 class _NoSink:
     """Where a finished exchange's late events go: nowhere."""
 
+    keeps_usage = False
+
     def commit(self, *args: Any) -> None:
         pass
 
@@ -536,6 +596,8 @@ NO_SINK = _NoSink()
 
 class ClientSink:
     """One client, fed directly: the upstream socket is its producer."""
+
+    keeps_usage = False
 
     def __init__(self, request: Request, cache_status: Optional[bytes] = None) -> None:
         self.request = request

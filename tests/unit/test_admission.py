@@ -85,6 +85,7 @@ def test_retry_after_follows_the_drain_rate():
     cfg = Config()
     cfg = attrs.evolve(cfg, balancer=attrs.evolve(cfg.balancer, queue_timeout_seconds=7.0))
     gw = Gateway(cfg, clock)
+    gw.limited = True  # as with a backend's max_concurrency: requests may wait
     adm = gw.admission
     assert adm.retry_after() == 7  # nothing finished yet: the timeout
     for _ in range(20):  # 4 requests a second
@@ -92,9 +93,9 @@ def test_retry_after_follows_the_drain_rate():
         adm.released()
     assert 3.9 < adm.drain_rate() < 4.3
     assert adm.retry_after() == 1
-    adm.queues["standard"].count = 39  # 40 ahead at 4/s
+    adm.waiting = 39  # 40 ahead at 4/s
     assert adm.retry_after() == 10
-    adm.queues["standard"].count = 0
+    adm.waiting = 0
     clock.advance(30)  # the window forgets
     assert adm.drain_rate() is None
 

@@ -219,8 +219,10 @@ def test_model_filter_and_unserved():
     a, b = gw.backends
     assert not gw.unserved("anything")  # nothing known: anything goes
     a.reported = {"m1": {"id": "m1"}}
+    gw.models_changed()  # as the health checker does after reading a list
     assert not gw.unserved("m2")  # b's list is unknown: it may serve m2
     b.models = frozenset({"m2"})
+    gw.models_changed()
     assert gw.unserved("m3")
     assert gw.candidates(model="m1") == [a]
     assert gw.candidates(model="m2") == [b]
