@@ -13,7 +13,9 @@ is served in the format it was received in:
   boundaries are the server's);
 - usage: a stream gets a usage chunk only when its request asked for it
   (``stream_options.include_usage``) and the JSON answer had one; a JSON
-  answer gets ``usage`` only when the stream carried it. Never made up.
+  answer gets ``usage`` only when the backend sent it (in the stream, or in
+  the usage chunk the gateway asked for and kept out of the recording).
+  Never made up.
 
 Content is cut into pieces of a few words at word boundaries, on text, never
 inside a UTF-8 sequence.
@@ -166,9 +168,11 @@ def parse_events(body: bytes) -> Optional[List[Dict[str, Any]]]:
     return None  # no [DONE]: the stream did not end as a complete one does
 
 
-def sse_to_json(body: bytes) -> Optional[bytes]:
+def sse_to_json(body: bytes, known_usage: Optional[tuple] = None) -> Optional[bytes]:
     """The JSON answer a server would have sent for a complete recorded
-    stream, or None when it cannot be assembled faithfully."""
+    stream, or None when it cannot be assembled faithfully. ``known_usage``
+    (prompt, completion, cached prompt tokens): the usage the backend sent
+    in a chunk the gateway asked for and took out of the recording."""
     try:
         events = parse_events(body)
     except UnicodeDecodeError:
@@ -260,6 +264,12 @@ def sse_to_json(body: bytes) -> Optional[bytes]:
             message["tool_calls"] = [calls[i] for i in sorted(calls)]
         choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         out = {**head, "object": CHAT, "choices": [choice]}
+    if usage is None and known_usage is not None:
+        prompt, completion, cached = known_usage
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion}
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
     if usage is not None:
         out["usage"] = usage
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode(

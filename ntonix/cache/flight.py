@@ -143,7 +143,7 @@ def converted_entry(entry: Entry, stream: bool, include_usage: bool) -> Optional
                      expires_at=entry.expires_at,
                      times=[step * (i + 1) for i in range(len(events))],
                      duration=entry.duration, usage=entry.usage)
-    data = sse_to_json(body)
+    data = sse_to_json(body, entry.usage)
     if data is None:
         return None
     return Entry(code=entry.code, phrase=entry.phrase,

@@ -14,7 +14,7 @@ import treq
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
-from harness import JSON, http_client, within
+from harness import JSON, http_client, sleep, within
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -153,15 +153,27 @@ async def test_recorded_stream_served_as_json(mocks, gateway_factory, tools):
         got = json.loads(body)
         _, direct, _ = await post(f"http://{a.address}", request_doc(False, text, **extra))
         want = json.loads(direct)
-        if not include_usage:
-            # The stream carried no usage: the answer has none, not a made-up one.
-            assert "usage" not in got
-            want.pop("usage")
+        # With include_usage off the gateway asked for the usage chunk anyway
+        # (proxy.stream_usage) and kept it from the streaming client: the
+        # plain answer has the backend's own usage either way.
         assert got == want, (got, want)
     got = await deferToThread(via_openai, gw.url + "/v1", request_doc(False, "stream first False",
                                                                      **extra))
     assert got[0] == want["choices"][0]["message"]["content"]
     assert a.count() == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_without_usage_gives_a_plain_answer_without_usage(mocks, gateway_factory):
+    a, _ = mocks
+    gw = await gateway_factory("--port", "0", "--backend", a.address,
+                               "--set", "proxy.stream_usage=false")
+    r, body, cache = await post(gw.url, request_doc(True, "no usage anywhere"))
+    assert cache == b"MISS" and b'"usage"' not in body
+    r, body, cache = await post(gw.url, request_doc(False, "no usage anywhere"))
+    got = json.loads(body)
+    assert cache == b"HIT" and "usage" not in got  # none rather than a made-up one
+    assert got["choices"][0]["message"]["content"]
 
 
 @pytest.mark.parametrize("leader_streams", [True, False], ids=["stream-first", "plain-first"])
@@ -204,7 +216,9 @@ async def test_n_above_one_and_cut_streams_are_not_converted(mocks, gateway_fact
     a.knobs.reset_rate = 1.0
     a.knobs.reset_after = 3
     a.knobs.itl_ms = 30
+    a.knobs.ttft_ms = 300
     first = defer.ensureDeferred(post(gw.url, request_doc(True, "cut me")))
+    await sleep(0.1)  # the stream leads; the plain request follows it
     second = defer.ensureDeferred(post(gw.url, request_doc(False, "cut me")))
     (r1, b1, _), (r2, b2, _) = await defer.gatherResults([first, second])
     assert b"data: [DONE]" not in b1
