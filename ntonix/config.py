@@ -130,6 +130,18 @@ class CacheConfig:
     replay: str = setting("instant", choices=("instant", "paced"),
                           help="replay cached streams at once or at the recorded pace")
     max_entry_mb: float = setting(8, min=0, help="largest single cached answer")
+    redis_url: str = setting("", restart=True,
+                             help="redis://[:password@]host:port/db of a Redis shared by "
+                                  "gateways as the second cache tier (empty: none)")
+    redis_prefix: str = setting("ntonix:v1:", restart=True,
+                                help="prefix of every key the gateway writes in Redis")
+    redis_timeout_seconds: float = setting(0.1, min=0.001, restart=True,
+                                           help="longest wait for Redis; slower is a failure "
+                                                "and the request goes on without it")
+    redis_lease_seconds: float = setting(5.0, min=0.1,
+                                         help="how long a gateway's claim to lead an answer "
+                                              "lasts without renewal (a dead leader's "
+                                              "followers take over after this)")
     cross_format: bool = setting(True, help="serve a cached plain answer to a streamed request "
                                             "(converted) and the reverse")
 
@@ -729,6 +741,13 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
         # Given weights complete the defaults rather than replace them.
         cfg = attrs.evolve(cfg, balancer=attrs.evolve(
             cfg.balancer, weights={**DEFAULT_WEIGHTS, **cfg.balancer.weights}))
+    if cfg.cache.redis_url:
+        from ntonix.cache.redis_client import parse_redis_url
+        try:
+            parse_redis_url(cfg.cache.redis_url)
+        except ValueError as e:
+            src = merged["cache.redis_url"].source
+            errors.append(f"cache.redis_url = {_show(cfg.cache.redis_url)} ({src}): {e}")
     for tenant, cls in cfg.tenants.classes.items():
         src = merged["tenants.classes"].source
         if not isinstance(cls, dict) or set(cls) - {"priority", "weight"}:

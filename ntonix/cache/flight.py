@@ -152,6 +152,17 @@ def converted_entry(entry: Entry, stream: bool, include_usage: bool) -> Optional
                  duration=entry.duration, usage=entry.usage)
 
 
+def feed_from_entry(flight: "Flight", entry: Entry) -> None:
+    """Play a stored entry into ``flight`` as if an exchange answered it."""
+    from ntonix.cache.shared import _NoProducer, _RemoteExchange, _RemoteResponse
+    flight.commit(_RemoteExchange(entry.headers, entry.sse),  # type: ignore[arg-type]
+                  _RemoteResponse(entry.code, entry.phrase, entry.sse), _NoProducer())
+    for chunk in entry.chunks:
+        flight.write(chunk)
+    flight.usage = entry.usage
+    flight.end(True, None)
+
+
 class ConvertingSubscriber:
     """A client of a flight in the other framing: nothing can be sent until
     the whole answer is there, then it gets it converted at once."""
@@ -223,6 +234,8 @@ class Flight:
         self.on_saved = on_saved  # (model, usage, times): tokens joiners did not cost
         self.usage: Optional[tuple] = None
         self.joined = 0
+        # The leader's mirror into the shared (Redis) tier, when there is one.
+        self.publisher: Any = None
         self.started_at = self.now()
         self.exchange: Optional["Exchange"] = None
         self.subscribers: List[Subscriber] = []
@@ -278,6 +291,8 @@ class Flight:
             # The last client left: nobody wants this answer any more.
             if self.exchange is not None:
                 self.exchange.cancel()
+            if self.publisher is not None:
+                self.publisher.abandon()  # other gateways' followers take over
             self._detach()
         else:
             self._trim()
@@ -293,15 +308,21 @@ class Flight:
         self.sse = exchange.sse
         self.upstream = producer
         self.committed_at = self.now()
+        if self.publisher is not None:
+            self.publisher.head(self.code, self.phrase, self.headers, self.sse)
         for sub in list(self.subscribers):
             sub.start()
 
     def write(self, data: bytes) -> None:
         self.chunks.append(data)
         self.size += len(data)
+        if self.publisher is not None:
+            self.publisher.chunk(data)
         if self.recording:
             self.times.append(self.now() - self.committed_at)
             if self.size > self.store.max_entry_bytes:
+                if self.publisher is not None:
+                    self.publisher.abandon()
                 # Too big to keep: stop recording, let no one else join, and
                 # keep only what the slowest subscriber has yet to send.
                 self.recording = False
@@ -320,8 +341,12 @@ class Flight:
         self.exchange = None
         self._resume_upstream()
         self.upstream = None
+        stored = None
         if complete and self.code == 200 and self.recording:
-            self.store.put(self.key, self.entry())
+            stored = self.entry()
+            self.store.put(self.key, stored)
+        if self.publisher is not None:
+            self.publisher.end(stored is not None, stored)
         self._detach()
         for sub in list(self.subscribers):
             sub.pump()
@@ -335,6 +360,8 @@ class Flight:
     def fail(self, status: int, message: str, code: str, retry_after: bool) -> None:
         # A failing leader leaves nobody hanging: every joiner gets its error.
         self.failed = True
+        if self.publisher is not None:
+            self.publisher.abandon()
         self.exchange = None
         self.upstream = None
         self._detach()

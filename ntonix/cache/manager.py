@@ -8,7 +8,10 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ntonix.cache.flight import Flight, Replay, converted_entry
+from ntonix.cache.flight import Flight, Replay, converted_entry, feed_from_entry
+from ntonix.cache.redis_client import RedisClient, parse_redis_url
+from ntonix.cache.shared import Follower, Publisher, SharedTier
+from ntonix.cache.store import Entry
 from ntonix.cache.key import cache_key, convertible, is_sampled
 from ntonix.cache.store import ResponseStore
 from ntonix.config import CacheConfig
@@ -50,6 +53,14 @@ class ResponseCache:
         self.flights: Dict[bytes, Flight] = {}
         # (model, usage, times=1): the tokens a hit saved (set by the gateway).
         self.on_saved: Optional[Callable[..., None]] = None
+        self.shared: Optional[SharedTier] = None
+        if config.redis_url:
+            host, port, db, password = parse_redis_url(config.redis_url)
+            client = RedisClient(clock, host, port, db, password,
+                                 connect_timeout=max(0.2, config.redis_timeout_seconds * 5),
+                                 command_timeout=config.redis_timeout_seconds)
+            self.shared = SharedTier(client, config.redis_prefix, clock,
+                                     config.redis_lease_seconds)
 
     @property
     def enabled(self) -> bool:
@@ -139,6 +150,55 @@ class ResponseCache:
         self.flights.setdefault(decision.key, flight)
         return flight
 
+    def resolve_shared(self, decision: Decision, flight: Flight,
+                       go_upstream: Callable[[], None]) -> None:
+        """A local miss with a Redis tier: feed ``flight`` from a stored
+        entry, from another gateway's answer in flight, or lead: call
+        ``go_upstream`` (also when Redis is unusable)."""
+        shared = self.shared
+        assert shared is not None and decision.key is not None
+        key = decision.key
+
+        def lead() -> None:
+            if not flight.subscribers:
+                return  # everyone left while Redis was asked
+            flight.publisher = Publisher(shared, key, self.store.ttl)
+            shared.led += 1
+            go_upstream()
+
+        def leased(ours: Optional[bool]) -> None:
+            if ours is None:
+                if flight.subscribers:
+                    go_upstream()  # Redis unusable: this gateway alone
+            elif ours:
+                lead()
+            elif flight.subscribers:
+                Follower(shared, key, flight, take_over).start()
+            else:
+                return
+
+        def take_over() -> None:
+            shared.acquire(key).addCallback(
+                lambda ours: lead() if ours is not False else
+                (go_upstream() if flight.subscribers else None))
+
+        def found(entry: Optional[Entry]) -> None:
+            if entry is None:
+                shared.acquire(key).addCallback(leased)
+                return
+            self.stats.hits += 1
+            self.stats.misses -= 1  # counted as a miss before Redis was asked
+            if self.on_saved is not None:
+                self.on_saved(decision.model, entry.usage)
+            for sub in flight.subscribers:
+                sub.cache_status = HIT
+            feed_from_entry(flight, entry)
+
+        d = shared.get(key)
+        d.addCallback(found)
+        d.addErrback(lambda f: (log.failure("the shared cache tier", f),
+                                go_upstream() if flight.subscribers else None))
+
     def _landed(self, flight: Flight) -> None:
         if self.flights.get(flight.key) is flight:
             del self.flights[flight.key]
@@ -146,6 +206,8 @@ class ResponseCache:
     def as_json(self) -> dict:
         doc = self.store.as_json(self.enabled)
         doc["in_flight"] = len(self.flights)
+        if self.shared is not None:
+            doc["shared"] = self.shared.as_json()
         return doc
 
 

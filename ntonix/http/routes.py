@@ -175,15 +175,21 @@ class Router:
         total = len(self.gateway.backends)
         up = sum(1 for b in self.gateway.backends if b.available)
         status, code = "healthy", 200
+        shared = self.gateway.cache.shared
+        if shared is not None and shared.degraded:
+            # Still serving, from this gateway's own cache tier.
+            status = "degraded"
         if self.gateway.draining:
             status, code = "draining", 503
         elif not up:
             # No backend could answer (none configured, or all circuits
             # open): a load balancer in front should send traffic elsewhere.
             status, code = "unhealthy", 503
-        send_json(request, {"status": status, "backends_available": up,
-                                   "backends_total": total,
-                                   "uptime_seconds": round(self.gateway.uptime(), 3)}, code)
+        doc = {"status": status, "backends_available": up, "backends_total": total,
+               "uptime_seconds": round(self.gateway.uptime(), 3)}
+        if shared is not None:
+            doc["cache_tier"] = "degraded" if shared.degraded else "ok"
+        send_json(request, doc, code)
 
     def live(self, request: Request) -> None:
         # Answering at all is the proof of life; draining is not death.
@@ -382,10 +388,18 @@ class Router:
             sink = cache.new_flight(decision)
             sink.join(request, decision.label)
         request.info.cache = decision.label.decode() if decision else None
-        exchange = Exchange(gw, request.method, request.uri, headers, body,
-                            request.request_id, stream, sink, info=request.info, model=model,
-                            route=gw.route_context(route, doc, stream),
-                            tenant=self._tenant(request), account=True,
-                            strip_usage=strip_usage)
-        sink.exchange = exchange
-        exchange.start()
+
+        def go_upstream() -> None:
+            exchange = Exchange(gw, request.method, request.uri, headers, body,
+                                request.request_id, stream, sink, info=request.info, model=model,
+                                route=gw.route_context(route, doc, stream),
+                                tenant=self._tenant(request), account=True,
+                                strip_usage=strip_usage)
+            sink.exchange = exchange
+            exchange.start()
+
+        if cache.shared is not None and decision is not None and decision.lookup:
+            # Another gateway may have the answer, or be getting it.
+            cache.resolve_shared(decision, sink, go_upstream)
+        else:
+            go_upstream()

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
+from ntonix._version import __version__
 from ntonix.observe.access import RequestInfo
 from ntonix.routing.breaker import CLOSED, HALF_OPEN, OPEN
 
@@ -59,6 +60,10 @@ class GatewayCollector:
         m = self.metrics
         g = GaugeMetricFamily
         c = CounterMetricFamily
+        info = g("ntonix_build_info", "The gateway's version (always 1; for marking deploys)",
+                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
         yield g("ntonix_uptime_seconds", "Seconds since the gateway started", value=gw.uptime())
         yield g("ntonix_process_resident_memory_bytes", "Resident memory of the gateway process",
                 value=_rss_bytes())
@@ -138,6 +143,19 @@ class GatewayCollector:
         for key, n in m.saved_counts.items():
             saved.add_metric(list(key), n)
         yield from (tokens, saved)
+        shared = gw.cache.shared
+        if shared is not None:
+            yield g("ntonix_redis_up", "1 while the shared Redis tier answers, 0 while the "
+                    "gateway serves from its own cache alone", value=0 if shared.degraded else 1)
+            yield c("ntonix_redis_errors", "Failed or timed-out Redis calls", value=shared.errors)
+            yield c("ntonix_shared_hits", "Local misses answered from the Redis tier",
+                    value=shared.hits)
+            yield c("ntonix_shared_led", "Answers this gateway fetched and published for "
+                    "others", value=shared.led)
+            yield c("ntonix_shared_followed", "Answers followed live from another gateway",
+                    value=shared.followed)
+            yield c("ntonix_shared_takeovers", "Followed answers whose leader went away before "
+                    "its head, asked of a backend instead", value=shared.takeovers)
         s = gw.cache.store
         st = s.stats
         yield c("ntonix_cache_hits", "Requests answered from the cache", value=st.hits)

@@ -1,0 +1,365 @@
+"""The Redis tier: one cache and one answer in flight per question across
+every gateway process sharing a Redis.
+
+The in-process cache stays the first tier. On a local miss the gateway asks
+Redis, within ``cache.redis_timeout_seconds``:
+
+1. a stored entry (``<prefix>e:<key>``, written with the entry's TTL): it is
+   kept locally too and replayed, as a local hit is;
+2. otherwise a lease (``SET <prefix>l:<key> <id> NX PX``): the gateway that
+   gets it sends the request to a backend and publishes the answer as it
+   arrives to a capped Redis Stream (``<prefix>s:<key>``: a head record, one
+   record per chunk, an end record), renewing its lease while it works; a
+   complete 200 is stored as an entry;
+3. a lease held elsewhere: the gateway follows that leader's stream with
+   blocking reads and relays it live, so a follower's first token comes a
+   few ms after the leader's. When the stream goes quiet and the lease is
+   gone (the leader died), the follower takes over and asks a backend itself.
+
+Every local request for the same question meanwhile joins the local flight
+that this feeds, exactly as without Redis.
+
+Redis never fails a request: each call is bounded; after
+``FAILURES_TO_OPEN`` failures in a row the tier stops asking Redis for
+``OPEN_SECONDS`` (the gateway serves from its own tier, ``/health`` says
+degraded, once in the log), then tries again.
+
+Entries are encoded as a JSON head (status, headers, framing, chunk sizes,
+pacing, usage) and the chunks' bytes after it: nothing executable, so a
+shared Redis cannot make a gateway run anything.
+"""
+
+import json
+import os
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ntonix.cache.store import Entry
+
+if TYPE_CHECKING:
+    from ntonix.cache.flight import Flight
+
+log = Logger(namespace="ntonix.cache.shared")
+
+FAILURES_TO_OPEN = 3
+OPEN_SECONDS = 5.0
+# Stream records kept per answer (approximate trim): far more than any
+# answer's chunks; followers start from the first record.
+STREAM_MAXLEN = 100_000
+# A follower's blocking read, and how long a silent stream is waited for
+# before checking whether its leader still holds the lease.
+READ_BLOCK_MS = 1000
+
+
+def encode_entry(entry: Entry) -> bytes:
+    head = {"code": entry.code, "phrase": entry.phrase.decode("latin-1"),
+            "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in entry.headers],
+            "sse": entry.sse, "sizes": [len(c) for c in entry.chunks], "times": entry.times,
+            "duration": entry.duration, "usage": list(entry.usage) if entry.usage else None,
+            "stored_at": entry.stored_at}
+    h = json.dumps(head, separators=(",", ":")).encode()
+    return b"%d\n" % len(h) + h + b"".join(entry.chunks)
+
+
+def decode_entry(data: bytes, now: float, ttl_left: float) -> Optional[Entry]:
+    """An Entry from ``encode_entry``'s bytes, or None when they are not."""
+    try:
+        n, _, rest = data.partition(b"\n")
+        size = int(n)
+        head = json.loads(rest[:size])
+        body = rest[size:]
+        chunks = []
+        at = 0
+        for s in head["sizes"]:
+            chunks.append(body[at:at + s])
+            at += s
+        if at != len(body):
+            return None
+        return Entry(code=int(head["code"]), phrase=head["phrase"].encode("latin-1"),
+                     headers=[(a.encode("latin-1"), b.encode("latin-1"))
+                              for a, b in head["headers"]],
+                     chunks=chunks, sse=bool(head["sse"]), stored_at=now,
+                     expires_at=now + ttl_left, times=head.get("times"),
+                     duration=float(head.get("duration") or 0.0),
+                     usage=tuple(head["usage"]) if head.get("usage") else None)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class SharedTier:
+    def __init__(self, client: Any, prefix: str, clock: Any, lease_seconds: float) -> None:
+        self.client = client
+        self.prefix = prefix.encode()
+        self.clock = clock
+        self.lease_ms = max(100, int(lease_seconds * 1000))
+        self.id = os.urandom(8).hex().encode()  # this gateway, in lease values
+        self.failures = 0
+        self.open_until = 0.0
+        self.degraded = False
+        self.errors = 0
+        self.hits = 0
+        self.led = 0
+        self.followed = 0
+        self.takeovers = 0
+
+    # -- health
+    @property
+    def usable(self) -> bool:
+        return self.clock.seconds() >= self.open_until
+
+    def _ok(self, result: Any) -> Any:
+        self.failures = 0
+        if self.degraded:
+            self.degraded = False
+            log.info("redis answers again: the shared cache tier is back")
+        return result
+
+    def _failed(self, failure: Any, what: str) -> None:
+        self.errors += 1
+        self.failures += 1
+        if self.failures >= FAILURES_TO_OPEN:
+            self.open_until = self.clock.seconds() + OPEN_SECONDS
+            if not self.degraded:
+                self.degraded = True
+                log.warn("redis unusable ({why}, during {what}): serving from this gateway's "
+                         "own cache; trying again every {s:g}s", why=failure.getErrorMessage(),
+                         what=what, s=OPEN_SECONDS)
+        return None
+
+    def _call(self, what: str, *args: Any) -> "defer.Deferred[Any]":
+        """One command; fires with its reply, or None on any failure."""
+        if not self.usable:
+            return defer.succeed(None)
+        d = self.client.execute(*args)
+        d.addCallbacks(self._ok, self._failed, errbackArgs=(what,))
+        return d
+
+    def _key(self, kind: bytes, key: bytes) -> bytes:
+        return self.prefix + kind + b":" + key.hex().encode()
+
+    # -- entries
+    def get(self, key: bytes) -> "defer.Deferred[Optional[Entry]]":
+        """The stored entry, or None (none, or Redis unusable)."""
+        if not self.usable:
+            return defer.succeed(None)
+        ekey = self._key(b"e", key)
+        # Pipelined: one round trip. _call never errbacks.
+        d = defer.gatherResults([self._call("a lookup", b"GET", ekey),
+                                 self._call("a lookup", b"PTTL", ekey)])
+
+        def got(replies: List[Any]) -> Optional[Entry]:
+            data, pttl = replies
+            if not isinstance(data, bytes) or not isinstance(pttl, int):
+                return None
+            entry = decode_entry(data, self.clock.seconds(), max(0, pttl) / 1000.0)
+            if entry is not None:
+                self.hits += 1
+            return entry
+
+        return d.addCallback(got)
+
+    def put(self, key: bytes, entry: Entry, ttl: float) -> None:
+        ms = int(ttl * 1000)
+        if ms <= 0:
+            return
+        self._call("a store", b"SET", self._key(b"e", key), encode_entry(entry), b"PX", ms)
+
+    # -- leases
+    def acquire(self, key: bytes) -> "defer.Deferred[Optional[bool]]":
+        """True: ours; False: someone else leads; None: Redis unusable."""
+        d = self._call("a lease", b"SET", self._key(b"l", key), self.id, b"NX", b"PX",
+                       self.lease_ms)
+        d.addCallback(lambda r: None if r is None and not self.usable
+                      else r == "OK" or r == b"OK")
+        return d
+
+    def renew(self, key: bytes) -> None:
+        self._call("a lease renewal", b"PEXPIRE", self._key(b"l", key), self.lease_ms)
+
+    def release(self, key: bytes) -> None:
+        self._call("a lease release", b"DEL", self._key(b"l", key))
+
+    def lease_held(self, key: bytes) -> "defer.Deferred[Optional[bool]]":
+        d = self._call("a lease check", b"EXISTS", self._key(b"l", key))
+        d.addCallback(lambda r: None if r is None else bool(r))
+        return d
+
+    # -- the live stream of an answer
+    def publish(self, key: bytes, kind: bytes, data: bytes = b"") -> None:
+        self._call("publishing", b"XADD", self._key(b"s", key), b"MAXLEN", b"~", STREAM_MAXLEN,
+                   b"*", b"k", kind, b"d", data)
+
+    def expire_stream(self, key: bytes, seconds: float) -> None:
+        self._call("expiring a stream", b"PEXPIRE", self._key(b"s", key),
+                   max(1000, int(seconds * 1000)))
+
+    def read(self, key: bytes, after: bytes) -> "defer.Deferred[Optional[list]]":
+        """Records after id ``after`` (``0`` from the start), waiting up to
+        READ_BLOCK_MS for new ones: a list of (id, kind, data), [] when none
+        came, None when Redis failed."""
+        if not self.usable:
+            return defer.succeed(None)
+        d = self.client.blocking(b"XREAD", b"BLOCK", READ_BLOCK_MS, b"STREAMS",
+                                 self._key(b"s", key), after,
+                                 timeout=READ_BLOCK_MS / 1000.0 + 1.0)
+
+        def parse(reply: Any) -> list:
+            out = []
+            for _stream, records in reply or ():
+                for rid, fields in records:
+                    f = dict(zip(fields[::2], fields[1::2]))
+                    out.append((rid, f.get(b"k", b""), f.get(b"d", b"")))
+            return out
+
+        d.addCallbacks(self._ok, self._failed, errbackArgs=("following a leader",))
+        d.addCallback(lambda r: None if r is None and not self.usable else parse(r))
+        return d
+
+    def as_json(self) -> dict:
+        return {"state": "degraded" if self.degraded else "ok", "errors": self.errors,
+                "hits": self.hits, "led": self.led, "followed": self.followed,
+                "takeovers": self.takeovers}
+
+
+class Publisher:
+    """The leader's side: mirrors a local flight into the shared stream, then
+    stores the entry and lets the lease go."""
+
+    def __init__(self, tier: SharedTier, key: bytes, ttl: float) -> None:
+        self.tier = tier
+        self.key = key
+        self.ttl = ttl
+        self.renew_call: Any = None
+        self.stopped = False
+        self._schedule_renewal()
+
+    def _schedule_renewal(self) -> None:
+        half = self.tier.lease_ms / 2000.0
+        self.renew_call = self.tier.clock.callLater(half, self._renew)
+
+    def _renew(self) -> None:
+        if not self.stopped:
+            self.tier.renew(self.key)
+            self._schedule_renewal()
+
+    def head(self, code: int, phrase: bytes, headers: list, sse: bool) -> None:
+        doc = {"code": code, "phrase": phrase.decode("latin-1"), "sse": sse,
+               "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers]}
+        self.tier.publish(self.key, b"head", json.dumps(doc).encode())
+
+    def chunk(self, data: bytes) -> None:
+        if not self.stopped:
+            self.tier.publish(self.key, b"data", data)
+
+    def end(self, complete: bool, entry: Optional[Entry]) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.renew_call is not None and self.renew_call.active():
+            self.renew_call.cancel()
+        if complete and entry is not None:
+            self.tier.put(self.key, entry, self.ttl)
+        self.tier.publish(self.key, b"end" if complete else b"fail")
+        self.tier.expire_stream(self.key, 30.0)
+        self.tier.release(self.key)
+
+    def abandon(self) -> None:
+        """Too big to share, or failed before its head: followers take over."""
+        self.end(False, None)
+
+
+class _RemoteResponse:
+    def __init__(self, code: int, phrase: bytes, sse: bool) -> None:
+        self.code, self.phrase, self.length = code, phrase, None
+        self.sse = sse
+
+
+class _RemoteExchange:
+    """What a flight asks of its exchange, for an answer read from Redis."""
+
+    def __init__(self, headers: list, sse: bool) -> None:
+        self.headers = headers
+        self.sse = sse
+        self.backend_name = None
+
+    def response_headers(self) -> list:
+        return self.headers
+
+    def cancel(self) -> None:
+        pass
+
+
+class _NoProducer:
+    def pauseProducing(self) -> None:
+        pass
+
+    resumeProducing = stopProducing = pauseProducing
+
+
+class Follower:
+    """Feeds a local flight from another gateway's live answer."""
+
+    def __init__(self, tier: SharedTier, key: bytes, flight: "Flight",
+                 take_over: Callable[[], None]) -> None:
+        self.tier = tier
+        self.key = key
+        self.flight = flight
+        self.take_over = take_over
+        self.last = b"0"
+        self.started = False
+        self.done = False
+
+    def start(self) -> None:
+        self.tier.followed += 1
+        self._next()
+
+    def _next(self) -> None:
+        if self.done:
+            return
+        if not self.flight.subscribers:
+            self.done = True  # everyone left
+            return
+        d = self.tier.read(self.key, self.last)
+        d.addCallback(self._got)
+        d.addErrback(lambda f: log.failure("following a shared answer", f))
+
+    def _got(self, records: Optional[list]) -> None:
+        if self.done:
+            return
+        if records is None:
+            return self._give_up("redis unusable")
+        if not records:
+            # Quiet: is the leader still there?
+            d = self.tier.lease_held(self.key)
+            d.addCallback(lambda held: self._next() if held else self._give_up("leader gone"))
+            return
+        for rid, kind, data in records:
+            self.last = rid
+            if kind == b"head":
+                doc = json.loads(data)
+                headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in doc["headers"]]
+                self.started = True
+                self.flight.commit(_RemoteExchange(headers, doc["sse"]),
+                                   _RemoteResponse(doc["code"], doc["phrase"].encode("latin-1"),
+                                                   doc["sse"]), _NoProducer())
+            elif kind == b"data" and self.started:
+                self.flight.write(data)
+            elif kind == b"end":
+                self.done = True
+                self.flight.end(True, None)
+                return
+            elif kind == b"fail":
+                return self._give_up("the leader's answer failed")
+        self._next()
+
+    def _give_up(self, why: str) -> None:
+        self.done = True
+        if self.started:
+            # Part of the answer is out: it cannot be restarted from here.
+            self.flight.end(False, f"the shared answer stopped: {why}")
+            return
+        self.tier.takeovers += 1
+        log.info("following a shared answer: {why}; asking a backend", why=why)
+        self.take_over()
