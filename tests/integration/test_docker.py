@@ -134,6 +134,8 @@ SERVICE = {
                                  "dockerfile": {"type": "string"}},
                   "required": ["context"]},
         "command": {"type": "array", "items": {"type": "string"}},
+        "environment": {"type": "array", "items": {"type": "string",
+                                                   "pattern": r"^[A-Z_][A-Z0-9_]*=.*$"}},
         "ports": {"type": "array", "items": {"type": "string",
                                              "pattern": r"^(\d+:)?\d+(/(tcp|udp))?$"}},
         "volumes": {"type": "array", "items": {"type": "string",
@@ -169,24 +171,31 @@ def test_compose_file_is_valid_and_matches_the_repository():
     doc = yaml.safe_load(path.read_text())
     jsonschema.validate(doc, COMPOSE, cls=jsonschema.Draft202012Validator)
     services = doc["services"]
-    assert set(services) == {"gateway", "mock-a", "mock-b"}
+    assert set(services) == {"gateway", "gateway-b", "mock-a", "mock-b", "redis"}
     for name, svc in services.items():
         assert "healthcheck" in svc, name
-        ctx = (path.parent / svc["build"]["context"]).resolve()
-        assert (ctx / svc["build"]["dockerfile"]).is_file()
+        if "build" in svc:
+            ctx = (path.parent / svc["build"]["context"]).resolve()
+            assert (ctx / svc["build"]["dockerfile"]).is_file()
         for volume in svc.get("volumes", []):
             assert (path.parent / volume.split(":")[0]).exists(), volume
         for dep, rule in svc.get("depends_on", {}).items():
             assert dep in services
             if rule["condition"] == "service_healthy":
                 assert "healthcheck" in services[dep]
-    gw = services["gateway"]
-    assert gw["depends_on"] == {"mock-a": {"condition": "service_healthy"},
-                                "mock-b": {"condition": "service_healthy"}}
-    mounted = gw["volumes"][0].split(":")
-    config = json.loads((path.parent / mounted[0]).read_text())
-    assert mounted[1] in gw["command"]  # the gateway reads the mounted file
-    assert gw["ports"] == [f"{config['server']['port']}:{config['server']['port']}"]
+    from ntonix.cache.redis_client import parse_redis_url
+    for name, host_port in (("gateway", "8080"), ("gateway-b", "8081")):
+        gw = services[name]
+        assert gw["depends_on"] == {"mock-a": {"condition": "service_healthy"},
+                                    "mock-b": {"condition": "service_healthy"},
+                                    "redis": {"condition": "service_healthy"}}
+        mounted = gw["volumes"][0].split(":")
+        config = json.loads((path.parent / mounted[0]).read_text())
+        assert mounted[1] in gw["command"]  # the gateway reads the mounted file
+        assert gw["ports"] == [f"{host_port}:{config['server']['port']}"]
+        # Both replicas share the compose file's Redis.
+        env = dict(e.split("=", 1) for e in gw["environment"])
+        assert parse_redis_url(env["NTONIX_CACHE_REDIS_URL"])[:2] == ("redis", 6379)
     # The configured backends are the mock services, on the ports they listen on.
     for backend in config["backends"]:
         cmd = services[backend["host"]]["command"]

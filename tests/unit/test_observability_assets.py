@@ -404,7 +404,7 @@ def test_prometheus_scrapes_the_gateways_admin_listener():
     admin = config.get("admin", {})
     port = admin.get("http_port", AdminConfig().http_port)
     assert admin.get("http_bind") == "0.0.0.0"  # reachable from the prometheus container
-    assert targets == [f"gateway:{port}"]
+    assert targets == [f"gateway:{port}", f"gateway-b:{port}"]  # both compose replicas
     assert "job=\"ntonix\"" in ALERTS.read_text()
 
 
