@@ -741,6 +741,17 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
         # Given weights complete the defaults rather than replace them.
         cfg = attrs.evolve(cfg, balancer=attrs.evolve(
             cfg.balancer, weights={**DEFAULT_WEIGHTS, **cfg.balancer.weights}))
+    header = cfg.tenants.header
+    if header and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", header):
+        errors.append(f"tenants.header = {_show(header)} ({merged['tenants.header'].source}): "
+                      "not an HTTP header name")
+    for i, b in enumerate(cfg.backends):
+        for name in ("health_path", "metrics_path"):
+            path = getattr(b, name)
+            if path and (not path.startswith("/") or not path.isascii()
+                         or any(c.isspace() for c in path)):
+                errors.append(f"backends[{i}].{name} = {_show(path)} "
+                              f"({merged['backends'].source}): a path starting with /")
     if cfg.cache.redis_url:
         from ntonix.cache.redis_client import parse_redis_url
         try:

@@ -43,10 +43,12 @@ PER_RESPONSE = frozenset({b"date", b"server", b"x-request-id", b"content-length"
 class Subscriber:
     """One client of a flight, written to as fast as it reads."""
 
-    def __init__(self, flight: "Flight", request: Request, cache_status: bytes) -> None:
+    def __init__(self, flight: "Flight", request: Request, cache_status: bytes,
+                 include_usage: bool = False) -> None:
         self.flight = flight
         self.request = request
         self.cache_status = cache_status
+        self.include_usage = include_usage  # what it asked, should it need converting
         self.index = 0
         self.paused = False
         self.started = False
@@ -262,8 +264,9 @@ class Flight:
     def joinable(self) -> bool:
         return self.recording and not self.failed and not (self.ended and not self.complete)
 
-    def join(self, request: Request, cache_status: bytes) -> Subscriber:
-        sub = Subscriber(self, request, cache_status)
+    def join(self, request: Request, cache_status: bytes,
+             include_usage: bool = False) -> Subscriber:
+        sub = Subscriber(self, request, cache_status, include_usage)
         self.subscribers.append(sub)
         if self.code:
             sub.start()
@@ -310,8 +313,26 @@ class Flight:
         self.committed_at = self.now()
         if self.publisher is not None:
             self.publisher.head(self.code, self.phrase, self.headers, self.sse)
+        if getattr(exchange, "remote", False) and self.sse != self.stream:
+            self._reframe()
         for sub in list(self.subscribers):
             sub.start()
+
+    def _reframe(self) -> None:
+        """The answer came from another gateway (or the shared store) in the
+        other framing than this flight's first client asked for: each client
+        is served in its own framing, converted or not."""
+        self.stream = self.sse
+        swapped: List[Any] = []
+        for sub in self.subscribers:
+            sub.gone = True  # the old one's handlers do nothing from now on
+            if isinstance(sub, ConvertingSubscriber):
+                # It wanted the other framing: the one this answer has.
+                new: Any = Subscriber(self, sub.request, b"HIT", sub.include_usage)
+            else:
+                new = ConvertingSubscriber(self, sub.request, not self.sse, sub.include_usage)
+            swapped.append(new)
+        self.subscribers = swapped
 
     def write(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -346,7 +367,7 @@ class Flight:
             stored = self.entry()
             self.store.put(self.key, stored)
         if self.publisher is not None:
-            self.publisher.end(stored is not None, stored)
+            self.publisher.end(complete, stored)
         self._detach()
         for sub in list(self.subscribers):
             sub.pump()

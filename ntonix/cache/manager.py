@@ -133,7 +133,7 @@ class ResponseCache:
             flight.joined += 1
             annotate(request, cache="HIT")
             if flight.stream == decision.stream:
-                flight.join(request, HIT)
+                flight.join(request, HIT, decision.include_usage)
             else:
                 self.stats.converted += 1
                 flight.join_converting(request, decision.stream, decision.include_usage)
@@ -158,33 +158,44 @@ class ResponseCache:
         shared = self.shared
         assert shared is not None and decision.key is not None
         key = decision.key
+        takeovers = [0]
 
-        def lead() -> None:
-            if not flight.subscribers:
-                return  # everyone left while Redis was asked
-            flight.publisher = Publisher(shared, key, self.store.ttl)
+        def wanted() -> bool:
+            return bool(flight.subscribers) and not flight.failed
+
+        def upstream() -> None:
+            if wanted():
+                go_upstream()
+
+        def lead(token: bytes) -> None:
+            if not wanted():
+                shared.release(key, token)  # nobody to ask for: let others lead
+                return
             shared.led += 1
             go_upstream()
-
-        def leased(ours: Optional[bool]) -> None:
-            if ours is None:
-                if flight.subscribers:
-                    go_upstream()  # Redis unusable: this gateway alone
-            elif ours:
-                lead()
-            elif flight.subscribers:
-                Follower(shared, key, flight, take_over).start()
-            else:
+            if flight.failed or flight.ended or not flight.subscribers:
+                shared.release(key, token)  # it failed at once (no backend)
                 return
+            flight.publisher = Publisher(shared, key, token, self.store.ttl)
+
+        def leased(result: tuple) -> None:
+            ours, token = result
+            if ours is None:
+                upstream()  # Redis unusable: this gateway alone
+            elif ours:
+                lead(token)
+            elif token is None or takeovers[0] > 2:
+                upstream()  # the lease went as we looked, or leaders keep dying
+            elif wanted():
+                Follower(shared, key, token, flight, take_over).start()
 
         def take_over() -> None:
-            shared.acquire(key).addCallback(
-                lambda ours: lead() if ours is not False else
-                (go_upstream() if flight.subscribers else None))
+            takeovers[0] += 1
+            shared.acquire(key).addCallback(leased).addErrback(broken)
 
         def found(entry: Optional[Entry]) -> None:
             if entry is None:
-                shared.acquire(key).addCallback(leased)
+                shared.acquire(key).addCallback(leased).addErrback(broken)
                 return
             self.stats.hits += 1
             self.stats.misses -= 1  # counted as a miss before Redis was asked
@@ -194,10 +205,15 @@ class ResponseCache:
                 sub.cache_status = HIT
             feed_from_entry(flight, entry)
 
-        d = shared.get(key)
-        d.addCallback(found)
-        d.addErrback(lambda f: (log.failure("the shared cache tier", f),
-                                go_upstream() if flight.subscribers else None))
+        def broken(failure: Any) -> None:
+            # A bug of ours: its clients get an error, not a hang.
+            log.failure("the shared cache tier", failure)
+            if flight.publisher is not None:
+                flight.publisher.abandon()
+            if not flight.ended and not flight.failed:
+                flight.fail(500, "internal gateway error", "internal_error", False)
+
+        shared.get(key).addCallback(found).addErrback(broken)
 
     def _landed(self, flight: Flight) -> None:
         if self.flights.get(flight.key) is flight:

@@ -31,7 +31,7 @@ shared Redis cannot make a gateway run anything.
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -48,6 +48,11 @@ OPEN_SECONDS = 5.0
 # Stream records kept per answer (approximate trim): far more than any
 # answer's chunks; followers start from the first record.
 STREAM_MAXLEN = 100_000
+# Renew or delete a lease only while it is still ours.
+_RENEW = (b"if redis.call('get', KEYS[1]) == ARGV[1] then "
+          b"return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
+_RELEASE = (b"if redis.call('get', KEYS[1]) == ARGV[1] then "
+            b"return redis.call('del', KEYS[1]) else return 0 end")
 # A follower's blocking read, and how long a silent stream is waited for
 # before checking whether its leader still holds the lease.
 READ_BLOCK_MS = 1000
@@ -103,6 +108,7 @@ class SharedTier:
         self.led = 0
         self.followed = 0
         self.takeovers = 0
+        self.leases = 0
 
     # -- health
     @property
@@ -166,43 +172,60 @@ class SharedTier:
             return
         self._call("a store", b"SET", self._key(b"e", key), encode_entry(entry), b"PX", ms)
 
-    # -- leases
-    def acquire(self, key: bytes) -> "defer.Deferred[Optional[bool]]":
-        """True: ours; False: someone else leads; None: Redis unusable."""
-        d = self._call("a lease", b"SET", self._key(b"l", key), self.id, b"NX", b"PX",
-                       self.lease_ms)
-        d.addCallback(lambda r: None if r is None and not self.usable
-                      else r == "OK" or r == b"OK")
-        return d
+    # -- leases: the value is a token naming this leader's stream
+    def acquire(self, key: bytes) -> "defer.Deferred[Tuple[Optional[bool], Optional[bytes]]]":
+        """(True, token): ours; (False, token): another gateway leads, its
+        stream named by token (None: the lease just went); (None, None):
+        Redis unusable."""
+        self.leases += 1
+        token = self.id + b"-%d" % self.leases
+        lkey = self._key(b"l", key)
+        d = self._call("a lease", b"SET", lkey, token, b"NX", b"PX", self.lease_ms)
 
-    def renew(self, key: bytes) -> None:
-        self._call("a lease renewal", b"PEXPIRE", self._key(b"l", key), self.lease_ms)
+        def taken(reply: Any) -> Any:
+            if reply == "OK" or reply == b"OK":
+                return (True, token)
+            if reply is None and not self.usable:
+                return (None, None)
+            return self._call("a lease", b"GET", lkey).addCallback(
+                lambda held: (None, None) if held is None and not self.usable
+                else (False, held if isinstance(held, bytes) else None))
 
-    def release(self, key: bytes) -> None:
-        self._call("a lease release", b"DEL", self._key(b"l", key))
+        return d.addCallback(taken)
 
-    def lease_held(self, key: bytes) -> "defer.Deferred[Optional[bool]]":
-        d = self._call("a lease check", b"EXISTS", self._key(b"l", key))
-        d.addCallback(lambda r: None if r is None else bool(r))
-        return d
+    def renew(self, key: bytes, token: bytes) -> None:
+        self._call("a lease renewal", b"EVAL", _RENEW, 1, self._key(b"l", key), token,
+                   self.lease_ms)
 
-    # -- the live stream of an answer
-    def publish(self, key: bytes, kind: bytes, data: bytes = b"") -> None:
-        self._call("publishing", b"XADD", self._key(b"s", key), b"MAXLEN", b"~", STREAM_MAXLEN,
-                   b"*", b"k", kind, b"d", data)
+    def release(self, key: bytes, token: bytes) -> None:
+        # Only our own: an expired lease may already be someone else's.
+        self._call("a lease release", b"EVAL", _RELEASE, 1, self._key(b"l", key), token)
 
-    def expire_stream(self, key: bytes, seconds: float) -> None:
-        self._call("expiring a stream", b"PEXPIRE", self._key(b"s", key),
+    def leader(self, key: bytes) -> "defer.Deferred[Optional[bytes]]":
+        """The current lease's token (None: no lease, or Redis unusable)."""
+        d = self._call("a lease check", b"GET", self._key(b"l", key))
+        return d.addCallback(lambda v: v if isinstance(v, bytes) else None)
+
+    # -- the live stream of an answer (one per lease)
+    def _stream(self, key: bytes, token: bytes) -> bytes:
+        return self._key(b"s", key) + b":" + token
+
+    def publish(self, key: bytes, token: bytes, seq: int, kind: bytes, data: bytes = b"") -> None:
+        self._call("publishing", b"XADD", self._stream(key, token), b"MAXLEN", b"~",
+                   STREAM_MAXLEN, b"*", b"k", kind, b"n", seq, b"d", data)
+
+    def expire_stream(self, key: bytes, token: bytes, seconds: float) -> None:
+        self._call("expiring a stream", b"PEXPIRE", self._stream(key, token),
                    max(1000, int(seconds * 1000)))
 
-    def read(self, key: bytes, after: bytes) -> "defer.Deferred[Optional[list]]":
+    def read(self, key: bytes, token: bytes, after: bytes) -> "defer.Deferred[Optional[list]]":
         """Records after id ``after`` (``0`` from the start), waiting up to
-        READ_BLOCK_MS for new ones: a list of (id, kind, data), [] when none
-        came, None when Redis failed."""
+        READ_BLOCK_MS for new ones: a list of (id, kind, seq, data), [] when
+        none came, None when Redis failed."""
         if not self.usable:
             return defer.succeed(None)
         d = self.client.blocking(b"XREAD", b"BLOCK", READ_BLOCK_MS, b"STREAMS",
-                                 self._key(b"s", key), after,
+                                 self._stream(key, token), after,
                                  timeout=READ_BLOCK_MS / 1000.0 + 1.0)
 
         def parse(reply: Any) -> list:
@@ -210,7 +233,11 @@ class SharedTier:
             for _stream, records in reply or ():
                 for rid, fields in records:
                     f = dict(zip(fields[::2], fields[1::2]))
-                    out.append((rid, f.get(b"k", b""), f.get(b"d", b"")))
+                    try:
+                        seq = int(f.get(b"n", b"-1"))
+                    except ValueError:
+                        seq = -1
+                    out.append((rid, f.get(b"k", b""), seq, f.get(b"d", b"")))
             return out
 
         d.addCallbacks(self._ok, self._failed, errbackArgs=("following a leader",))
@@ -224,13 +251,16 @@ class SharedTier:
 
 
 class Publisher:
-    """The leader's side: mirrors a local flight into the shared stream, then
-    stores the entry and lets the lease go."""
+    """The leader's side: mirrors a local flight into its lease's stream,
+    numbered so that a follower notices a lost record, then stores the
+    entry and lets the lease go."""
 
-    def __init__(self, tier: SharedTier, key: bytes, ttl: float) -> None:
+    def __init__(self, tier: SharedTier, key: bytes, token: bytes, ttl: float) -> None:
         self.tier = tier
         self.key = key
+        self.token = token
         self.ttl = ttl
+        self.seq = 0
         self.renew_call: Any = None
         self.stopped = False
         self._schedule_renewal()
@@ -241,32 +271,41 @@ class Publisher:
 
     def _renew(self) -> None:
         if not self.stopped:
-            self.tier.renew(self.key)
+            self.tier.renew(self.key, self.token)
             self._schedule_renewal()
+
+    def _publish(self, kind: bytes, data: bytes = b"") -> None:
+        self.tier.publish(self.key, self.token, self.seq, kind, data)
+        self.seq += 1
 
     def head(self, code: int, phrase: bytes, headers: list, sse: bool) -> None:
         doc = {"code": code, "phrase": phrase.decode("latin-1"), "sse": sse,
                "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers]}
-        self.tier.publish(self.key, b"head", json.dumps(doc).encode())
+        self._publish(b"head", json.dumps(doc).encode())
+        # A leader that dies mid-answer leaves a stream that expires anyway.
+        self.tier.expire_stream(self.key, self.token, 6 * self.tier.lease_ms / 1000.0)
 
     def chunk(self, data: bytes) -> None:
         if not self.stopped:
-            self.tier.publish(self.key, b"data", data)
+            self._publish(b"data", data)
 
     def end(self, complete: bool, entry: Optional[Entry]) -> None:
+        """The answer ended (complete: whole, whatever its status); ``entry``
+        when it is to be stored."""
         if self.stopped:
             return
         self.stopped = True
         if self.renew_call is not None and self.renew_call.active():
             self.renew_call.cancel()
-        if complete and entry is not None:
+        if entry is not None:
             self.tier.put(self.key, entry, self.ttl)
-        self.tier.publish(self.key, b"end" if complete else b"fail")
-        self.tier.expire_stream(self.key, 30.0)
-        self.tier.release(self.key)
+        self._publish(b"end" if complete else b"fail")
+        self.tier.expire_stream(self.key, self.token, 30.0)
+        self.tier.release(self.key, self.token)
 
     def abandon(self) -> None:
-        """Too big to share, or failed before its head: followers take over."""
+        """Too big to share, failed, or nobody wants it: followers take over
+        (or end, when they have started)."""
         self.end(False, None)
 
 
@@ -278,6 +317,8 @@ class _RemoteResponse:
 
 class _RemoteExchange:
     """What a flight asks of its exchange, for an answer read from Redis."""
+
+    remote = True  # its framing is whatever the first asker elsewhere asked
 
     def __init__(self, headers: list, sse: bool) -> None:
         self.headers = headers
@@ -301,13 +342,15 @@ class _NoProducer:
 class Follower:
     """Feeds a local flight from another gateway's live answer."""
 
-    def __init__(self, tier: SharedTier, key: bytes, flight: "Flight",
+    def __init__(self, tier: SharedTier, key: bytes, token: bytes, flight: "Flight",
                  take_over: Callable[[], None]) -> None:
         self.tier = tier
         self.key = key
+        self.token = token
         self.flight = flight
         self.take_over = take_over
         self.last = b"0"
+        self.expected = 0
         self.started = False
         self.done = False
 
@@ -321,9 +364,14 @@ class Follower:
         if not self.flight.subscribers:
             self.done = True  # everyone left
             return
-        d = self.tier.read(self.key, self.last)
+        d = self.tier.read(self.key, self.token, self.last)
         d.addCallback(self._got)
-        d.addErrback(lambda f: log.failure("following a shared answer", f))
+        d.addErrback(self._broken)
+
+    def _broken(self, failure: Any) -> None:
+        log.failure("following a shared answer", failure)
+        if not self.done:
+            self._give_up("an error in the gateway")
 
     def _got(self, records: Optional[list]) -> None:
         if self.done:
@@ -331,12 +379,17 @@ class Follower:
         if records is None:
             return self._give_up("redis unusable")
         if not records:
-            # Quiet: is the leader still there?
-            d = self.tier.lease_held(self.key)
-            d.addCallback(lambda held: self._next() if held else self._give_up("leader gone"))
+            # Quiet: is the same leader still there?
+            d = self.tier.leader(self.key)
+            d.addCallback(lambda token: self._next() if token == self.token
+                          else self._give_up("leader gone"))
+            d.addErrback(self._broken)
             return
-        for rid, kind, data in records:
+        for rid, kind, seq, data in records:
             self.last = rid
+            if seq != self.expected:
+                return self._give_up("a record of the shared answer was lost")
+            self.expected += 1
             if kind == b"head":
                 doc = json.loads(data)
                 headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in doc["headers"]]
@@ -346,11 +399,11 @@ class Follower:
                                                    doc["sse"]), _NoProducer())
             elif kind == b"data" and self.started:
                 self.flight.write(data)
-            elif kind == b"end":
+            elif kind == b"end" and self.started:
                 self.done = True
                 self.flight.end(True, None)
                 return
-            elif kind == b"fail":
+            else:  # fail, or an end without a head
                 return self._give_up("the leader's answer failed")
         self._next()
 

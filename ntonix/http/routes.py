@@ -386,7 +386,7 @@ class Router:
             sink: Any = ClientSink(request, decision.label if decision else None)
         else:
             sink = cache.new_flight(decision)
-            sink.join(request, decision.label)
+            sink.join(request, decision.label, decision.include_usage)
         request.info.cache = decision.label.decode() if decision else None
 
         def go_upstream() -> None:

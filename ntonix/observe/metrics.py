@@ -312,10 +312,10 @@ class Metrics:
         """A generation answer ended complete: its tokens and GenAI timings."""
         now = self.gateway.reactor.seconds()
         backend = exchange.backend_name or "none"
-        key = (exchange.model, backend)
+        model = self.model_label(exchange.model)  # bounded: so is this dict
+        key = (model, backend)
         children = self._genai_children.get(key)
         if children is None:
-            model = self.model_label(exchange.model)
             children = self._genai_children[key] = (
                 model, self.genai_duration.labels(model), self.genai_ttft.labels(model, backend),
                 self.genai_tpot.labels(model, backend), self.genai_tokens.labels(model, "input"),

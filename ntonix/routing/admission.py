@@ -46,6 +46,8 @@ RATE_WINDOW = 10.0
 RATE_SAMPLES = 4096
 # The refusal reasons, as the error code and the metric's label say them.
 QUEUE_FULL, QUEUE_TIMEOUT, SHED = "queue_full", "queue_timeout", "shed"
+# Requests of one tenant looked at for one that can go now.
+SCAN_DEPTH = 32
 
 
 def tenant_id(raw: Optional[bytes], by_header: bool) -> str:
@@ -118,20 +120,35 @@ class ClassQueue:
 
     def pop(self, can_admit: Any) -> Optional[Waiter]:
         """The next request in fair order among those whose model has room
-        somewhere, or None. One look at each tenant's first request."""
+        somewhere, or None. Within a tenant, the first of its requests that
+        can go (one for a model with no room does not hold back one for a
+        model with room); a bounded look at each tenant's queue."""
         best: Optional[Waiter] = None
         for q in self.tenants.values():
-            w = q[0]
-            if (best is None or w.tag < best.tag) and can_admit(w):
-                best = w
+            for i, w in enumerate(q):
+                if i >= SCAN_DEPTH or (best is not None and w.tag >= best.tag):
+                    break
+                if can_admit(w):
+                    best = w
+                    break
         if best is None:
             return None
         q = self.tenants[best.tenant]
-        q.popleft()
+        if q[0] is best:
+            q.popleft()
+        else:
+            q.remove(best)
         self.count -= 1
         self.vtime = best.tag
         if not q:
             self._drop(best.tenant)
+        if len(self.last_tag) > 2 * len(self.tenants) + 64:
+            # Tenants gone from the queue keep a tag only while it is ahead
+            # of the clock; drop the rest (bounded memory for any number).
+            vt = self.vtime
+            for t in [t for t, tag in self.last_tag.items()
+                      if tag <= vt and t not in self.tenants]:
+                del self.last_tag[t]
         return best
 
 
@@ -146,6 +163,7 @@ class Admission:
         self.admitted: Dict[str, int] = {p: 0 for p in PRIORITIES}
         self.refused: Dict[Tuple[str, str, str], int] = {}
         self.waiting = 0
+        self._memo: Dict[Any, bool] = {}
         self._pump_call: Any = None
 
     # -- configuration-derived facts
@@ -217,19 +235,22 @@ class Admission:
             self.admitted[exchange.priority] += 1
             exchange.send(room)
             return
-        self._enqueue(exchange)
+        # With room for it, it waits only for its turn (the pump sends it in
+        # this same call unless a request before it can use that room): no
+        # full-queue or shed refusal for a request a backend can take now.
+        self._enqueue(exchange, refuse=not room)
         self.pump()
 
-    def _enqueue(self, exchange: Any) -> None:
+    def _enqueue(self, exchange: Any, refuse: bool = True) -> None:
         bal = self.gateway.config.balancer
         now = self.gateway.reactor.seconds()
         priority = exchange.priority
         tenant = exchange.tenant
-        total = self.total
+        total = self.total if refuse else 0
         if priority == "sheddable" and total >= bal.sheddable_queue_share * bal.queue_size:
             self._refuse(exchange, tenant, priority, SHED)
             return
-        if total >= bal.queue_size:
+        if refuse and total >= bal.queue_size:
             victim, reason = self._lowest_below(priority), SHED
             if victim is None:
                 # Same class: the tenant furthest over its share gives up
@@ -311,6 +332,7 @@ class Admission:
         """Admit waiting requests while some backend has room for them."""
         while self.total:
             w = None
+            self._memo: Dict[Any, bool] = {}  # room per model, for this one pick
             for p in PRIORITIES:
                 q = self.queues[p]
                 if q.count:
@@ -335,10 +357,18 @@ class Admission:
                 ex.no_backend()
 
     def _can_admit(self, w: Waiter) -> bool:
+        ex = w.exchange
+        memo = self._memo
+        key = ex.model if not ex.tried else None
+        if key is not None and key in memo:
+            return memo[key]
         try:
-            return bool(self.room(w.exchange))
+            ok = bool(self.room(ex))
         except LookupError:
-            return True  # let it through to its 503 rather than wait for nothing
+            ok = True  # let it through to its 503 rather than wait for nothing
+        if key is not None:
+            memo[key] = ok
+        return ok
 
     def _arm(self) -> None:
         """While requests wait, look again now and then: a backend that

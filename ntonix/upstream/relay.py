@@ -422,7 +422,8 @@ class Exchange:
         gated = self.stream and self.sse and response.code == 200
         if self.account and response.code == 200:
             if self.sse:
-                self.tap = UsageTap(True, self.strip_usage)
+                # A length announced for a stream forbids taking bytes out.
+                self.tap = UsageTap(True, self.strip_usage and response.length is None)
             else:
                 # A JSON answer's usage is in its last bytes: keep those.
                 self.json_tail = b""

@@ -50,7 +50,7 @@ def queue_ms(response) -> float:
 @pytest_twisted.ensureDeferred
 async def test_saturated_fleet_queues_then_refuses_with_retry_after():
     sim = Sim("a", decode_ms_base=20.0, max_running=16)
-    gw = await start_gateway([], env=env_for(sim, 2, queue_size=3,
+    gw = await start_gateway(["--port", "0"], env=env_for(sim, 2, queue_size=3,
                                              queue_timeout_seconds=0.3))
     client = http_client()
     try:
@@ -76,7 +76,7 @@ async def test_saturated_fleet_queues_then_refuses_with_retry_after():
 @pytest_twisted.ensureDeferred
 async def test_queued_request_goes_the_moment_a_slot_frees():
     sim = Sim("a", decode_ms_base=20.0)
-    gw = await start_gateway([], env=env_for(sim, 1, queue_timeout_seconds=5))
+    gw = await start_gateway(["--port", "0"], env=env_for(sim, 1, queue_timeout_seconds=5))
     client = http_client()
     try:
         first = defer.ensureDeferred(post(client, gw, "first", 20))
@@ -98,7 +98,7 @@ async def test_queued_request_goes_the_moment_a_slot_frees():
 @pytest_twisted.ensureDeferred
 async def test_a_client_leaving_the_queue_frees_its_place_at_once():
     sim = Sim("a", decode_ms_base=25.0)
-    gw = await start_gateway([], env=env_for(sim, 1, queue_size=1, queue_timeout_seconds=5))
+    gw = await start_gateway(["--port", "0"], env=env_for(sim, 1, queue_size=1, queue_timeout_seconds=5))
     client = http_client()
     try:
         first = defer.ensureDeferred(post(client, gw, "first", 40))  # ~1 s
@@ -132,7 +132,7 @@ async def test_critical_request_queued_after_sheddable_ones_is_served_first():
     env["NTONIX_TENANTS_HEADER"] = "X-Tenant"
     env["NTONIX_TENANTS_CLASSES"] = json.dumps({"gold": {"priority": "critical"},
                                                 "free": {"priority": "sheddable"}})
-    gw = await start_gateway([], env=env)
+    gw = await start_gateway(["--port", "0"], env=env)
     client = http_client()
     try:
         calls = [defer.ensureDeferred(post(client, gw, "occupies", 20, "std"))]
@@ -155,7 +155,7 @@ async def test_a_flooding_tenant_does_not_raise_another_tenants_wait():
     sim = Sim("a", decode_ms_base=10.0, max_running=16)
     env = env_for(sim, 2, queue_size=200, queue_timeout_seconds=20)
     env["NTONIX_TENANTS_HEADER"] = "X-Tenant"
-    gw = await start_gateway([], env=env)
+    gw = await start_gateway(["--port", "0"], env=env)
     client = http_client()
     try:
         # "big" sends 40 requests at once; "small" 4, one every 150 ms:

@@ -71,7 +71,11 @@ async def redis():
 async def two_gateways(redis, mock):
     args = ["--port", "0", "--backend", mock.address, "--set", f"cache.redis_url={redis.url}"]
     a = await start_gateway(args)
-    b = await start_gateway(args)
+    try:
+        b = await start_gateway(args)
+    except BaseException:
+        await stop_gateway(a)
+        raise
     return a, b
 
 
@@ -100,6 +104,37 @@ async def test_answer_through_one_gateway_is_a_hit_through_the_other(redis, mock
         assert m.count() == 2
         r = await within(http_client().get(b.admin_url + "/cache/stats"), 5)
         assert (await treq.json_content(r))["shared"]["hits"] == 2
+    finally:
+        await stop_gateway(a)
+        await stop_gateway(b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_client_gets_its_own_framing_across_gateways(redis, mocks):
+    m, _ = mocks
+    m.knobs.ttft_ms = 200
+    a, b = await two_gateways(redis, m)
+    try:
+        # Stored through one gateway in one framing, asked in the other.
+        for first, then in ((True, False), (False, True)):
+            await ask(a, f"frame {first}", first)
+            r, body = await ask(b, f"frame {first}", then)
+            ctype = r.headers.getRawHeaders(b"content-type")[0]
+            assert cache_label(r) == b"HIT"
+            assert (ctype == b"text/event-stream") == then, (then, ctype, body[:80])
+            if not then:
+                assert json.loads(body)["object"] == "chat.completion"
+        # In flight on one gateway, joined from the other in both framings.
+        calls = [defer.ensureDeferred(ask(a, "frame live", True))]
+        await sleep(0.05)
+        calls += [defer.ensureDeferred(ask(b, "frame live", stream)) for stream in
+                  (False, True, False)]
+        results = await defer.gatherResults(calls)
+        for (r, body), stream in zip(results, (True, False, True, False)):
+            assert r.code == 200, body
+            ctype = r.headers.getRawHeaders(b"content-type")[0]
+            assert (ctype == b"text/event-stream") == stream, (stream, ctype, body[:80])
+        assert m.count() == 3
     finally:
         await stop_gateway(a)
         await stop_gateway(b)

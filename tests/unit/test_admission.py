@@ -154,3 +154,26 @@ def test_full_queue_sheds_a_lower_class_for_a_higher_one():
     urgent = Ex("ops", "critical")
     gw.admission.admit(urgent)
     assert low[0].outcome == "shed" and urgent.waiter is not None
+
+
+def test_a_request_a_backend_can_take_now_is_never_refused_for_a_full_queue():
+    from ntonix.config import BackendConfig
+    cfg = Config()
+    cfg = attrs.evolve(cfg, backends=(BackendConfig("127.0.0.1", 9, max_concurrency=1,
+                                                    models=("x",)),
+                                      BackendConfig("127.0.0.1", 10, max_concurrency=1,
+                                                    models=("y",))),
+                       balancer=attrs.evolve(cfg.balancer, queue_size=2))
+    gw = Gateway(cfg, Clock())
+    gw.backends[0].in_flight = 1  # x's backend is full; y's is idle
+    waiting = [Ex("t") for _ in range(2)]
+    for e in waiting:
+        e.model = "x"
+        gw.admission.admit(e)
+    assert gw.admission.total == 2
+    for tenant, priority in (("t", "standard"), ("other", "sheddable")):
+        y = Ex(tenant, priority)
+        y.model = "y"
+        gw.admission.admit(y)
+        assert y.outcome == "sent", (tenant, y.outcome)
+    assert [e.outcome for e in waiting] == [None, None]  # nobody evicted for it
