@@ -274,3 +274,42 @@ def sse_to_json(body: bytes, known_usage: Optional[tuple] = None) -> Optional[by
         out["usage"] = usage
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode(
         "utf-8", "surrogatepass")
+
+
+def with_usage_as_asked(chunks: List[bytes], include_usage: bool,
+                        usage: Optional[tuple], model_head: Optional[Dict[str, Any]] = None
+                        ) -> Optional[List[bytes]]:
+    """A recorded stream's events with its usage chunk as this client asked:
+    taken out when it did not ask, added (from the usage the backend sent)
+    when it did and the recording has none. None when nothing changes."""
+    body = b"".join(chunks)
+    blocks = [b for b in re.split(rb"(?<=\n\n)", body) if b]
+    has = [i for i, b in enumerate(blocks) if _is_usage_only(b)]
+    if has and not include_usage:
+        return [b for i, b in enumerate(blocks) if i not in has]
+    if include_usage and not has and usage is not None:
+        events = parse_events(body)
+        if not events or not blocks or blocks[-1].strip() != b"data: [DONE]":
+            return None
+        first = events[0]
+        prompt, completion, cached = usage
+        u: Dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+        if cached:
+            u["prompt_tokens_details"] = {"cached_tokens": cached}
+        head = {k: first[k] for k in ("id", "object", "created", "model", "system_fingerprint")
+                if k in first}
+        return blocks[:-1] + [_event({**head, "choices": [], "usage": u}), blocks[-1]]
+    return None
+
+
+def _is_usage_only(block: bytes) -> bool:
+    if b'"usage"' not in block:
+        return False
+    payload = b"\n".join(line[5:].lstrip() for line in block.splitlines()
+                         if line.startswith(b"data:"))
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and not doc.get("choices") and isinstance(doc.get("usage"), dict)

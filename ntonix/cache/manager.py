@@ -12,6 +12,7 @@ from ntonix.cache.flight import Flight, Replay, converted_entry, feed_from_entry
 from ntonix.cache.redis_client import RedisClient, parse_redis_url
 from ntonix.cache.shared import Follower, Publisher, SharedTier
 from ntonix.cache.store import Entry
+from ntonix.cache.convert import with_usage_as_asked
 from ntonix.cache.key import cache_key, convertible, is_sampled
 from ntonix.cache.store import ResponseStore
 from ntonix.config import CacheConfig
@@ -120,6 +121,11 @@ class ResponseCache:
                 self.stats.unconvertible += 1
             else:
                 self.stats.converted += 1
+        elif entry is not None and entry.sse:
+            # The same framing: the usage chunk as this client asked for it.
+            events = with_usage_as_asked(entry.chunks, decision.include_usage, entry.usage)
+            if events is not None:
+                entry = attrs.evolve(entry, chunks=events, times=None)
         if entry is not None:
             self.stats.hits += 1
             if self.on_saved is not None:

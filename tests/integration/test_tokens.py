@@ -94,3 +94,22 @@ async def test_token_counts_equal_the_backends_usage(mocks, gateway_factory):
     assert total(m2, "ntonix_cache_tokens_saved_total", type="completion",
                  model="mock-llm") == want_completion
     assert total(m2, "ntonix_cache_tokens_saved_total", type="prompt") == want_prompt
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stored_stream_gives_each_client_the_usage_chunk_it_asked_for(mocks,
+                                                                              gateway_factory):
+    a, _ = mocks
+    gw = await gateway_factory("--port", "0", "--backend", a.address)
+    _, first = await ask(gw, "usage as asked", True, include_usage=False)
+    assert b'"usage"' not in first
+    r, asked = await ask(gw, "usage as asked", True, include_usage=True)
+    assert r.headers.getRawHeaders(b"x-cache") == [b"HIT"]
+    last = events(asked)[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 7
+    assert asked.endswith(b"data: [DONE]\n\n")
+    # Recorded with the chunk (its first client asked), replayed without.
+    await ask(gw, "usage the other way", True, include_usage=True)
+    r, plain = await ask(gw, "usage the other way", True, include_usage=False)
+    assert r.headers.getRawHeaders(b"x-cache") == [b"HIT"] and b'"usage"' not in plain
+    assert plain.endswith(b"data: [DONE]\n\n") and a.count() == 2
