@@ -24,7 +24,7 @@ credential (never the credential itself), or ``anonymous``.
 """
 
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
 
 import attrs

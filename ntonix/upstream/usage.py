@@ -15,7 +15,6 @@ import json
 import re
 from typing import List, Optional, Tuple
 
-MAX_BODY = 4 * 1024 * 1024
 HOLD_LIMIT = 64 * 1024
 _NUMBER = {name: re.compile(rb'"%s"\s*:\s*(\d+)' % name.encode())
            for name in ("prompt_tokens", "completion_tokens", "cached_tokens")}
@@ -48,25 +47,20 @@ def usage_numbers(blob: bytes) -> Optional[Tuple[int, int, int]]:
 
 
 class UsageTap:
-    __slots__ = ("sse", "strip", "partial", "parts", "size", "usage", "events", "gave_up")
+    """Reads (and with ``strip`` takes out) a stream's usage chunk."""
+
+    __slots__ = ("strip", "partial", "usage", "events", "gave_up")
 
     def __init__(self, sse: bool, strip: bool) -> None:
-        self.sse = sse
-        self.strip = strip and sse
+        assert sse, "a JSON answer's usage is read with usage_numbers"
+        self.strip = strip
         self.partial = b""
-        self.parts: List[bytes] = []
-        self.size = 0
         self.usage: Optional[Tuple[int, int, int]] = None
-        self.events = 0  # data events seen (streams)
+        self.events = 0  # data events seen
         self.gave_up = False
 
     def feed(self, data: bytes) -> bytes:
         """What of ``data`` the client gets (all of it, unless stripping)."""
-        if not self.sse:
-            if self.size < MAX_BODY:
-                self.parts.append(data)
-                self.size += len(data)
-            return data
         self.events += data.count(b"data:")
         buf = self.partial + data if self.partial else data
         cut = _last_boundary(buf)
@@ -86,10 +80,7 @@ class UsageTap:
         return complete
 
     def end(self) -> bytes:
-        """The answer ended: what is still held, and read a JSON usage."""
-        if not self.sse and self.parts:
-            self.usage = usage_numbers(b"".join(self.parts)) or self.usage
-            self.parts = []
+        """The answer ended: what is still held back, if anything."""
         rest, self.partial = self.partial, b""
         return rest if self.strip else b""
 

@@ -87,6 +87,22 @@ async def ask(gw, text, stream=False):
     return r, await within(treq.content(r), 20)
 
 
+async def stored(redis, n):
+    """Until Redis holds ``n`` entries (bounded): a leader's store reaches
+    Redis a moment after its own client has the answer."""
+    from ntonix.cache.redis_client import RedisClient
+    client = RedisClient(reactor, "127.0.0.1", redis.port)
+    try:
+        for _ in range(200):
+            keys = await within(client.execute(b"KEYS", b"ntonix:v1:e:*"), 5)
+            if len(keys) >= n:
+                return
+            await sleep(0.01)
+        raise AssertionError(f"redis holds {len(keys)} entries, not {n}")
+    finally:
+        await client.close()
+
+
 def cache_label(r):
     return (r.headers.getRawHeaders(b"x-cache") or [b""])[0]
 
@@ -96,8 +112,9 @@ async def test_answer_through_one_gateway_is_a_hit_through_the_other(redis, mock
     m, _ = mocks
     a, b = await two_gateways(redis, m)
     try:
-        for stream in (False, True):
+        for n, stream in enumerate((False, True), 1):
             r1, body1 = await ask(a, f"shared {stream}", stream)
+            await stored(redis, n)
             r2, body2 = await ask(b, f"shared {stream}", stream)
             assert (cache_label(r1), cache_label(r2)) == (b"MISS", b"HIT")
             assert body1 == body2
@@ -116,8 +133,9 @@ async def test_each_client_gets_its_own_framing_across_gateways(redis, mocks):
     a, b = await two_gateways(redis, m)
     try:
         # Stored through one gateway in one framing, asked in the other.
-        for first, then in ((True, False), (False, True)):
+        for n, (first, then) in enumerate(((True, False), (False, True)), 1):
             await ask(a, f"frame {first}", first)
+            await stored(redis, n)
             r, body = await ask(b, f"frame {first}", then)
             ctype = r.headers.getRawHeaders(b"content-type")[0]
             assert cache_label(r) == b"HIT"
