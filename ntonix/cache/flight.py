@@ -290,6 +290,9 @@ class Flight:
     def leave(self, sub: Subscriber) -> None:
         if sub in self.subscribers:
             self.subscribers.remove(sub)
+            if not self.ended and (isinstance(sub, ConvertingSubscriber)
+                                   or sub.cache_status == b"HIT"):
+                self.joined = max(0, self.joined - 1)  # it saved nothing after all
         if not self.subscribers and not self.ended and not self.failed:
             # The last client left: nobody wants this answer any more.
             if self.exchange is not None:

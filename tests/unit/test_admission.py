@@ -177,3 +177,13 @@ def test_a_request_a_backend_can_take_now_is_never_refused_for_a_full_queue():
         gw.admission.admit(y)
         assert y.outcome == "sent", (tenant, y.outcome)
     assert [e.outcome for e in waiting] == [None, None]  # nobody evicted for it
+
+
+def test_waiters_get_a_503_when_every_backend_goes_away():
+    gw = full_gateway(4)
+    waiter = Ex("t")
+    gw.admission.admit(waiter)
+    assert waiter.waiter is not None
+    gw.backends[0].draining = True  # the only backend leaves
+    gw.reactor.advance(0.1)  # the queue looks again on its own
+    assert waiter.outcome == "503" and gw.admission.total == 0
