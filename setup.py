@@ -38,6 +38,7 @@ setup(
         "ntonix.routing",
         "ntonix.cache",
         "ntonix.observe",
+        "ntonix.workers",
         "ntonix_mock",
         "twisted.plugins",
     ],

@@ -65,9 +65,11 @@ class ServerConfig:
                         help="plain HTTP listening port (0 picks a free one)")
     ssl_port: int = setting(8443, min=0, max=65535, cli="--ssl-port", restart=True,
                             help="HTTPS listening port, used when ssl.enabled")
+    workers: str = setting("1", cli="--workers", restart=True,
+                           help="gateway processes sharing the listening sockets: a number, "
+                                "or auto (one per CPU)")
     threads: int = setting(1, min=1, max=256, cli="--threads", restart=True,
-                           help="reactor processes sharing the listening sockets "
-                                "(only 1 so far)")
+                           help="the seed's name for server.workers (its alias)")
     bind_address: str = setting("0.0.0.0", cli="--bind", restart=True,
                                 help="address the listeners bind to")
     max_body_bytes: int = setting(10 * 1024 * 1024, min=1,
@@ -725,10 +727,18 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
     if cfg.ssl.enabled and not (cfg.ssl.cert_file and cfg.ssl.key_file):
         src = merged.get("ssl.enabled", Raw(True, DEFAULT_SOURCE, False)).source
         errors.append(f"ssl.enabled = true ({src}): needs ssl.cert_file and ssl.key_file")
-    if cfg.server.threads != 1:
+    workers = cfg.server.workers.strip().lower()
+    if workers != "auto" and not (workers.isdigit() and 1 <= int(workers) <= 256):
+        src = merged["server.workers"].source if "server.workers" in merged else DEFAULT_SOURCE
+        errors.append(f"server.workers = {_show(cfg.server.workers)} ({src}): a number from 1 "
+                      "to 256, or auto")
+    elif cfg.server.threads != 1 and "server.workers" not in merged:
+        # The seed's spelling: taken as server.workers, with a note.
         src = merged["server.threads"].source
-        errors.append(f"server.threads = {cfg.server.threads} ({src}): only 1 reactor process "
-                      "is supported so far; run several gateways behind an L4 balancer instead")
+        cfg = attrs.evolve(cfg, server=attrs.evolve(cfg.server, workers=str(cfg.server.threads)),
+                           warnings=(*cfg.warnings, f"server.threads = {cfg.server.threads} "
+                                     f"({src}): the seed's name for server.workers, taken as "
+                                     "that"))
     if bool(cfg.ssl.cert_file) != bool(cfg.ssl.key_file):
         given = "ssl.cert_file" if cfg.ssl.cert_file else "ssl.key_file"
         missing = "ssl.key_file" if cfg.ssl.cert_file else "ssl.cert_file"

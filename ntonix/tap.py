@@ -139,8 +139,38 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     config = load_config(options)
+    from ntonix.workers.supervisor import worker_count
+    count = worker_count(config.server.workers.strip().lower())
+    if count > 1:
+        return build_supervisor(config, reactor, count, ntonix_arguments(),
+                                daemon_log=daemon_log_file(options))
     return build_service(config, reactor, lambda: read_config(options),
                          daemon_log=daemon_log_file(options))
+
+
+def ntonix_arguments() -> List[str]:
+    """This process's ``ntonix`` options (what follows ``ntonix`` in its
+    command line), for its workers."""
+    argv = sys.argv
+    return argv[argv.index("ntonix") + 1:] if "ntonix" in argv else []
+
+
+def build_supervisor(config: cfgmod.Config, reactor: Any, count: int, args: List[str],
+                     daemon_log: Optional[str] = None) -> MultiService:
+    """``server.workers`` > 1: this process binds the sockets, serves the
+    admin listener and supervises ``count`` worker processes."""
+    from ntonix.workers.supervisor import Supervisor, SupervisorRouter
+    top = GatewayService(make_observer(config.logging, daemon_log=daemon_log, reactor=reactor))
+    sup = Supervisor(config, reactor, args, count, tls_wanted(config))
+    if config.admin.http_port >= 0:
+        # Listening before the traffic sockets are announced, as one gateway does.
+        admin_site = GatewayServer(SupervisorRouter(sup), Limits.from_config(config.server),
+                                   reactor)
+        ListenerService(reactor, config.admin.http_port, config.admin.http_bind, admin_site,
+                        "admin api").setServiceParent(top)
+    sup.setServiceParent(top)
+    top.supervisor = sup
+    return top
 
 
 def daemon_log_file(options: Options) -> Optional[str]:
@@ -166,6 +196,8 @@ class GatewayService(MultiService):
         self.observer = observer
         self.gateway: Any = None
         self.tls: Any = None
+        self.reload_service: Any = None
+        self.supervisor: Any = None
 
     def startService(self) -> None:
         # What the configuration ignored (an unknown NTONIX_* variable), one
@@ -192,7 +224,8 @@ class GatewayService(MultiService):
 
 def build_service(config: cfgmod.Config, reactor: Any,
                   reloader: Optional[Callable[[], cfgmod.Config]] = None,
-                  daemon_log: Optional[str] = None) -> MultiService:
+                  daemon_log: Optional[str] = None, log_stream: Any = None,
+                  worker: Any = None) -> MultiService:
     """The whole gateway as a service tree, on ``reactor``.
 
     ``reloader`` reads the configuration again for SIGHUP; ``daemon_log`` is
@@ -204,7 +237,8 @@ def build_service(config: cfgmod.Config, reactor: Any,
             tls = ServerTLS(config)
         except ConfigError as e:
             raise config_exit(e) from None
-    top = GatewayService(make_observer(config.logging, daemon_log=daemon_log, reactor=reactor))
+    top = GatewayService(make_observer(config.logging, stdout=log_stream or sys.stdout,
+                                       daemon_log=daemon_log, reactor=reactor))
     try:
         gateway = Gateway(config, reactor)
     except TrustError as e:
@@ -215,8 +249,10 @@ def build_service(config: cfgmod.Config, reactor: Any,
     gateway.metrics.sites.append(site)
     if config.demo.enabled:
         DemoBackendsService(reactor, gateway, config.demo.ports).setServiceParent(top)
-    HealthChecker(gateway, reactor).setServiceParent(top)
-    MetricsScraper(gateway, reactor).setServiceParent(top)
+    if worker is None or worker.index == 0:
+        # Once per machine: the other workers get worker 0's view.
+        HealthChecker(gateway, reactor).setServiceParent(top)
+        MetricsScraper(gateway, reactor).setServiceParent(top)
     CacheSweeper(gateway.cache, reactor).setServiceParent(top)
     reload_service = None
     if reloader is not None:
@@ -237,14 +273,19 @@ def build_service(config: cfgmod.Config, reactor: Any,
         admin_site = GatewayServer(Router(gateway, admin=True), limits, reactor)
         ListenerService(reactor, config.admin.http_port, config.admin.http_bind, admin_site,
                         "admin api").setServiceParent(top)
+    http_listen = listen_direct(reactor) if worker is None else worker.adopt(reactor,
+                                                                              worker.http_fd)
     ListenerService(reactor, config.server.port, config.server.bind_address, site,
-                    "http", listen=listen_direct(reactor), gateway=gateway).setServiceParent(top)
+                    "http", listen=http_listen, gateway=gateway).setServiceParent(top)
     if tls is not None:
         # The same site behind TLS: identical routes, limits and streaming.
+        https_listen = None if worker is None or worker.https_fd is None \
+            else worker.adopt(reactor, worker.https_fd)
         ListenerService(reactor, config.server.ssl_port, config.server.bind_address,
-                        TLSMemoryBIOFactory(tls, False, site), "https",
+                        TLSMemoryBIOFactory(tls, False, site), "https", listen=https_listen,
                         gateway=gateway).setServiceParent(top)
     top.tls = tls
+    top.reload_service = reload_service
     return top
 
 

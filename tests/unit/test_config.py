@@ -110,7 +110,8 @@ def problems(layer=None, env=None, path=None):
     ({"backends": ["a:1", {"host": "a", "port": 1}]},
      'backends = "a:1" (config file {p}): duplicate backend'),
     ({"ssl": {"enabled": True}}, "ssl.enabled = true (config file {p}): needs ssl.cert_file"),
-    ({"server": {"threads": 2}}, "server.threads = 2 (config file {p}): only 1 reactor process"),
+    ({"server": {"workers": "many"}},
+     'server.workers = "many" (config file {p}): a number from 1 to 256, or auto'),
     ({"ssl": {"cert_file": "c.pem"}}, 'ssl.cert_file = "c.pem" (config file {p}): needs ssl.key_file'),
     ({"ssl": {"sni": {"a.test": {"cert_file": "c"}}}}, "ssl.sni.a.test = "),
 ])

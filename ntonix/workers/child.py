@@ -1,0 +1,188 @@
+"""A worker process: the whole gateway, serving on listening sockets its
+supervisor opened and passed down, and talking to it over stdin/stdout.
+
+    python -m ntonix.workers.child --index 1 --http-fd 3 [--https-fd 4] -- <ntonix options>
+
+Worker 0 also runs the health checks, the metrics scrapes and the SSH
+console; the supervisor copies its view of the backends to the others, so
+the fleet is probed once per machine. Logs go to stderr, which the
+supervisor relays.
+"""
+
+import argparse
+import socket
+import sys
+from typing import Any, Dict, List, Optional
+
+import attrs
+from twisted.internet import stdio
+from twisted.logger import Logger, globalLogBeginner
+
+from ntonix.workers.channel import Channel
+
+log = Logger(namespace="ntonix.workers.child")
+
+
+@attrs.define
+class WorkerContext:
+    """What build_service needs to know to run as a worker."""
+
+    index: int
+    http_fd: int
+    https_fd: Optional[int] = None
+    family: int = socket.AF_INET
+
+    def adopt(self, reactor: Any, fd: int) -> Any:
+        def listen(port: int, factory: Any, interface: str = "", backlog: int = 0) -> Any:
+            return reactor.adoptStreamPort(fd, self.family, factory)
+        return listen
+
+
+def for_worker(config: Any, index: int) -> Any:
+    """A worker's configuration: no admin listener of its own (the
+    supervisor has it), the console in worker 0 only."""
+    admin = attrs.evolve(config.admin, http_port=-1,
+                         enabled=config.admin.enabled and index == 0)
+    return attrs.evolve(config, admin=admin)
+
+
+def fleet_of(gateway: Any) -> List[Dict[str, Any]]:
+    """Worker 0's view of the backends, for the others."""
+    out = []
+    for b in gateway.backends:
+        load = b.load
+        out.append({
+            "name": b.name, "circuit": b.breaker.state, "reason": b.breaker.reason,
+            "loading": b.loading, "probe_path": b.probe_path, "reported": b.reported,
+            "draining": b.draining and not b.removed,
+            "load": None if load is None else {
+                "age": gateway.reactor.seconds() - load.at, "waiting": load.waiting,
+                "running": load.running, "kv_usage": load.kv_usage,
+                "loras_loaded": sorted(load.loras_loaded),
+                "loras_waiting": sorted(load.loras_waiting), "max_loras": load.max_loras}})
+    return out
+
+
+def apply_fleet(gateway: Any, fleet: List[Dict[str, Any]]) -> None:
+    """Take worker 0's view of the backends: circuits, loading, models, load."""
+    from ntonix.routing.backend import ScrapedLoad
+    from ntonix.routing.breaker import CLOSED, OPEN
+    by_name = {b.name: b for b in gateway.backends}
+    changed_models = False
+    for item in fleet:
+        b = by_name.get(item["name"])
+        if b is None:
+            continue
+        br = b.breaker
+        if item["circuit"] == OPEN and br.state != OPEN:
+            br.force_open(item["reason"] or "open in the health checks")
+        elif item["circuit"] == CLOSED and br.state != CLOSED:
+            br.reset()
+        b.loading = item["loading"]
+        b.probe_path = item["probe_path"]
+        if not b.removed:
+            # A backend drained from the console (which runs in worker 0).
+            b.draining = item.get("draining", False)
+        if item["reported"] != b.reported:
+            b.reported = item["reported"]
+            changed_models = True
+        load = item["load"]
+        if load is not None:
+            b.set_load(ScrapedLoad(at=gateway.reactor.seconds() - load["age"],
+                                   waiting=load["waiting"], running=load["running"],
+                                   kv_usage=load["kv_usage"],
+                                   loras_loaded=frozenset(load["loras_loaded"]),
+                                   loras_waiting=frozenset(load["loras_waiting"]),
+                                   max_loras=load["max_loras"]))
+    if changed_models:
+        gateway.models_changed()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    from twisted.internet import reactor
+
+    from ntonix import tap
+
+    p = argparse.ArgumentParser(prog="ntonix-worker")
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--http-fd", type=int, required=True)
+    p.add_argument("--https-fd", type=int, default=None)
+    p.add_argument("--family", type=int, default=int(socket.AF_INET))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    rest = argv[cut + 1:]
+    options = tap.Options()
+    options.parseOptions(rest)
+    config = for_worker(tap.load_config(options), args.index)
+    ctx = WorkerContext(args.index, args.http_fd, args.https_fd, args.family)
+    top = tap.build_service(config, reactor,
+                            lambda: for_worker(tap.read_config(options), args.index),
+                            log_stream=sys.stderr, worker=ctx)
+    globalLogBeginner.beginLoggingTo([top.observer], redirectStandardIO=False)
+    gateway = top.gateway
+    reload_service = top.reload_service
+
+    def handle(msg: Dict[str, Any]) -> Any:
+        op = msg.get("op")
+        if op == "metrics":
+            return {"text": gateway.metrics.prometheus(b"text/plain")[0].decode()}
+        if op == "status":
+            return {"metrics": gateway.metrics.as_json(gateway),
+                    "cache": gateway.cache.as_json(), "admission": gateway.admission.as_json(),
+                    "draining": gateway.draining}
+        if op == "fleet":
+            return {"fleet": fleet_of(gateway)}
+        if op == "backends":
+            import json
+            doc = {"now": reactor.seconds(), "algorithm": gateway.config.balancer.algorithm,
+                   "backends": [b.as_json() for b in gateway.backends]}
+            return {"body": json.dumps(doc)}
+        if op == "apply_fleet":
+            apply_fleet(gateway, msg["fleet"])
+            return None
+        if op == "reload":
+            ok = reload_service.reload() if reload_service is not None else False
+            return {"ok": bool(ok)}
+        raise ValueError(f"unknown op {op!r}")
+
+    channel = Channel(handle)
+    channel.on_lost = lambda: reactor.callLater(0, _parent_gone, reactor)
+    stdio.StandardIO(channel, reactor=reactor)
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.callWhenRunning(_stop_on_signals, reactor)
+    log.info("worker {index} started", index=args.index)
+    reactor.run()
+
+
+def _stop_on_signals(reactor: Any) -> None:
+    """SIGTERM or SIGINT, once or from several senders at once (the
+    supervisor and a service manager signalling the whole group): stop once."""
+    import signal
+
+    def stop(*_: Any) -> None:
+        reactor.callFromThread(_stop_once, reactor)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+_stopping = []
+
+
+def _stop_once(reactor: Any) -> None:
+    if not _stopping and reactor.running:
+        _stopping.append(True)
+        reactor.stop()
+
+
+def _parent_gone(reactor: Any) -> None:
+    # Without a supervisor nobody would restart or stop this worker.
+    if reactor.running and not _stopping:
+        log.warn("the supervisor is gone: stopping")
+        _stop_once(reactor)
+
+
+if __name__ == "__main__":
+    main()

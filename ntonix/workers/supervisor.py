@@ -1,0 +1,401 @@
+"""The supervising parent of ``server.workers`` > 1.
+
+It binds the HTTP (and HTTPS) listening sockets itself and starts N worker
+processes that adopt them (``reactor.adoptStreamPort``): the kernel spreads
+the connections over the workers. It owns the admin listener, where
+``/metrics`` sums the workers' figures, and it keeps the workers in step:
+
+- a worker that dies is started again, after 0.5 s doubling to 30 s while it
+  keeps dying (reset once one has lived a minute), and logged;
+- worker 0 runs the health checks and metrics scrapes; every half health
+  interval its view of the backends (circuits, loading, models, load) is
+  copied to the others, so the fleet is probed once per machine and every
+  worker sees a circuit change within one check interval;
+- SIGHUP is passed on as a reload to every worker, each answering whether it
+  took the new configuration;
+- on stop (SIGTERM) every worker drains as a single gateway does, within
+  ``server.shutdown_timeout_seconds``, then the sockets close.
+
+Parent and workers talk in netstrings over the workers' stdin and stdout
+(``channel.py``); the workers' logs come through their stderr.
+"""
+
+import os
+import signal
+import socket
+import sys
+from typing import Any, Dict, List, Optional
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.application.service import Service
+from twisted.internet import defer, protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ntonix.workers.channel import Channel
+
+log = Logger(namespace="ntonix.workers")
+
+LISTEN_BACKLOG = 1024
+# Gauges whose meaning across workers is the largest, not the sum.
+MAX_GAUGES = frozenset({"ntonix_uptime_seconds", "ntonix_build_info", "ntonix_redis_up"})
+
+
+def worker_count(value: str) -> int:
+    if value == "auto":
+        return max(1, os.cpu_count() or 1)
+    return int(value)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    s.listen(LISTEN_BACKLOG)
+    s.setblocking(False)
+    return s
+
+
+class _PipeTransport:
+    """The channel's transport: the worker's stdin."""
+
+    def __init__(self, process: Any) -> None:
+        self.process = process
+
+    def write(self, data: bytes) -> None:
+        self.process.writeToChild(0, data)
+
+    def writeSequence(self, seq: List[bytes]) -> None:
+        self.write(b"".join(seq))
+
+    def loseConnection(self) -> None:
+        self.process.closeStdin()
+
+    def getPeer(self) -> None:
+        return None
+
+    getHost = getPeer
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    def __init__(self, supervisor: "Supervisor", index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.channel = Channel()
+        self.started_at = supervisor.reactor.seconds()
+        self.pid: Optional[int] = None
+        self.ended: defer.Deferred = defer.Deferred()
+        self.alive = True
+        self._log_tail = b""
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+        self.channel.makeConnection(_PipeTransport(self.transport))
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.channel.dataReceived(data)
+        elif fd == 2:
+            # Whole lines only, so that two workers' lines do not interleave.
+            data = self._log_tail + data
+            cut = data.rfind(b"\n") + 1
+            self._log_tail = data[cut:]
+            if cut:
+                out = getattr(sys.stdout, "buffer", None)
+                if out is not None:
+                    out.write(data[:cut])
+                    sys.stdout.flush()
+
+    def processEnded(self, reason: Any) -> None:
+        self.alive = False
+        self.channel.connectionLost(reason)
+        self.supervisor.ended(self, reason.value)
+        self.ended.callback(None)
+
+
+class Supervisor(Service):
+    def __init__(self, config: Any, reactor: Any, ntonix_args: List[str], count: int,
+                 tls: bool) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.args = ntonix_args
+        self.count = count
+        self.tls = tls
+        self.workers: Dict[int, WorkerProcess] = {}
+        self.restarts: Dict[int, int] = {}
+        self.failures: Dict[int, int] = {}
+        self.sockets: Dict[str, socket.socket] = {}
+        self.stopping = False
+        self.sync_loop: Optional[LoopingCall] = None
+        self._previous_hup: Any = None
+
+    # -- start
+    def startService(self) -> None:
+        super().startService()
+        s = self.config.server
+        try:
+            self.sockets["http"] = bind_socket(s.bind_address, s.port)
+            if self.tls:
+                self.sockets["https"] = bind_socket(s.bind_address, s.ssl_port)
+        except OSError as e:
+            raise SystemExit(f"ntonix: cannot listen on {s.bind_address}: {e}") from None
+        for label, sock in self.sockets.items():
+            host, port = sock.getsockname()[:2]
+            log.info("{label} listening on {host}:{port} ({n} workers)", label=label,
+                     host=host, port=port, n=self.count)
+        for i in range(self.count):
+            self.spawn(i)
+        interval = max(0.05, self.config.health.interval_seconds / 2)
+        self.sync_loop = LoopingCall(self.sync_fleet)
+        self.sync_loop.clock = self.reactor
+        self.sync_loop.start(interval, now=False).addErrback(
+            lambda f: log.failure("syncing the workers' view of the backends", f))
+        try:
+            self._previous_hup = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        except ValueError:
+            pass  # not the main thread (an embedding test)
+
+    def spawn(self, index: int) -> None:
+        http = self.sockets["http"]
+        argv = [sys.executable, "-m", "ntonix.workers.child", "--index", str(index),
+                "--http-fd", "3", "--family", str(int(http.family))]
+        fds = {0: "w", 1: "r", 2: "r", 3: http.fileno()}
+        if "https" in self.sockets:
+            argv += ["--https-fd", "4"]
+            fds[4] = self.sockets["https"].fileno()
+        argv += ["--", *self.args]
+        proc = WorkerProcess(self, index)
+        self.workers[index] = proc
+        self.reactor.spawnProcess(proc, sys.executable, argv, env=dict(os.environ),
+                                  childFDs=fds)
+        log.info("worker {index} started (pid {pid})", index=index, pid=proc.pid)
+
+    def ended(self, proc: WorkerProcess, why: Any) -> None:
+        if self.stopping or self.workers.get(proc.index) is not proc:
+            return
+        lived = self.reactor.seconds() - proc.started_at
+        failures = 0 if lived > 60 else self.failures.get(proc.index, 0) + 1
+        self.failures[proc.index] = failures
+        delay = min(30.0, 0.5 * 2 ** (failures - 1)) if failures else 0.5
+        self.restarts[proc.index] = self.restarts.get(proc.index, 0) + 1
+        log.warn("worker {index} (pid {pid}) exited ({why}) after {lived:.1f}s; starting it "
+                 "again in {delay:g}s", index=proc.index, pid=proc.pid,
+                 why=getattr(why, "exitCode", None) is not None and
+                 f"exit code {why.exitCode}" or f"signal {getattr(why, 'signal', '?')}",
+                 lived=lived, delay=delay)
+        self.reactor.callLater(delay, self._respawn, proc.index)
+
+    def _respawn(self, index: int) -> None:
+        if not self.stopping:
+            self.spawn(index)
+
+    # -- keeping them in step
+    def sync_fleet(self) -> "defer.Deferred[None]":
+        first = self.workers.get(0)
+        if first is None or not first.alive or self.count < 2:
+            return defer.succeed(None)
+        d = first.channel.call("fleet", 2.0, self.reactor)
+
+        def spread(reply: Dict[str, Any]) -> None:
+            for i, proc in self.workers.items():
+                if i != 0 and proc.alive:
+                    proc.channel.tell("apply_fleet", fleet=reply["fleet"])
+
+        d.addCallback(spread)
+        d.addErrback(lambda f: log.debug("fleet sync: {why}", why=f.getErrorMessage()))
+        return d
+
+    def reload(self) -> "defer.Deferred[Any]":
+        log.info("SIGHUP: reloading every worker")
+        calls = []
+        for i, proc in sorted(self.workers.items()):
+            d = proc.channel.call("reload", 10.0, self.reactor)
+            d.addCallbacks(
+                lambda r, i=i: log.info("worker {index} reloaded", index=i) if r.get("ok")
+                else log.warn("worker {index} kept its configuration: the new one was "
+                              "refused (its log says why)", index=i),
+                lambda f, i=i: log.warn("worker {index} did not reload: {why}", index=i,
+                                        why=f.getErrorMessage()))
+            calls.append(d)
+        return defer.DeferredList(calls)
+
+    def ask_all(self, op: str, timeout: float = 5.0) -> "defer.Deferred[List[Any]]":
+        """Every live worker's answer to ``op``, in worker order (None for a
+        worker that did not answer)."""
+        procs = [p for _, p in sorted(self.workers.items()) if p.alive]
+        ds = [p.channel.call(op, timeout, self.reactor).addErrback(lambda f: None)
+              for p in procs]
+        return defer.gatherResults(ds)
+
+    # -- stop
+    def stopService(self) -> "defer.Deferred[None]":
+        super().stopService()
+        self.stopping = True
+        if self.sync_loop is not None and self.sync_loop.running:
+            self.sync_loop.stop()
+        if self._previous_hup is not None:
+            try:
+                signal.signal(signal.SIGHUP, self._previous_hup)
+            except ValueError:
+                pass
+        procs = [p for p in self.workers.values() if p.alive]
+        for p in procs:
+            try:
+                p.transport.signalProcess("TERM")  # each drains, as one gateway does
+            except Exception:
+                pass
+        s = self.config.server
+        grace = s.shutdown_timeout_seconds + s.drain_delay_seconds + 5.0
+        waited = defer.DeferredList([p.ended for p in procs])
+        waited.addTimeout(grace, self.reactor)
+
+        def kill(_: Any) -> None:
+            for p in procs:
+                if p.alive:
+                    log.warn("worker {index} did not stop within {s:g}s: killed",
+                             index=p.index, s=grace)
+                    try:
+                        p.transport.signalProcess("KILL")
+                    except Exception:
+                        pass
+
+        waited.addErrback(kill)
+
+        def close(_: Any) -> None:
+            for sock in self.sockets.values():
+                sock.close()
+        return waited.addBoth(close)
+
+    def as_json(self) -> List[Dict[str, Any]]:
+        now = self.reactor.seconds()
+        return [{"index": i, "pid": p.pid, "alive": p.alive,
+                 "uptime_seconds": round(now - p.started_at, 3),
+                 "restarts": self.restarts.get(i, 0)} for i, p in sorted(self.workers.items())]
+
+
+def merge_expositions(texts: List[str]) -> str:
+    """One Prometheus text page from the workers' pages: counters,
+    histograms and most gauges summed per series; uptime-like gauges the
+    largest."""
+    families: Dict[str, Dict[str, Any]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            f = families.setdefault(fam.name, {"type": fam.type, "help": fam.documentation,
+                                               "samples": {}})
+            for sm in fam.samples:
+                key = (sm.name, tuple(sorted(sm.labels.items())))
+                old = f["samples"].get(key)
+                if old is None:
+                    f["samples"][key] = sm.value
+                elif fam.name in MAX_GAUGES:
+                    f["samples"][key] = max(old, sm.value)
+                else:
+                    f["samples"][key] = old + sm.value
+    lines = []
+    for name, f in families.items():
+        shown = name + "_total" if f["type"] == "counter" else name
+        lines.append(f"# HELP {shown} {_escape_help(f['help'])}")
+        lines.append(f"# TYPE {shown} {f['type']}")
+        for (sample, labels), value in f["samples"].items():
+            label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
+            lines.append(f"{sample}{{{label_text}}} {_number(value)}" if labels
+                         else f"{sample} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if value == int(value) and abs(value) < 2 ** 53:
+        return f"{int(value)}.0"
+    return repr(value)
+
+
+class SupervisorRouter:
+    """The admin listener of a supervisor: the workers' figures, together."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def handle(self, request: Any) -> None:
+        from ntonix.http.errors import send_error, send_json_body
+        from ntonix.http.routes import send_json
+
+        sup = self.supervisor
+        path = request.path
+        if request.method not in (b"GET", b"HEAD"):
+            return send_error(request, 405, "only GET here", "method_not_allowed")
+
+        def answer(d: "defer.Deferred[Any]", render: Any) -> None:
+            def done(result: Any) -> None:
+                if not request.disconnected and not request.finished:
+                    render(result)
+            d.addCallback(done)
+            d.addErrback(lambda f: (log.failure("admin request {path}", f, path=path),
+                                    None if request.finished or request.disconnected else
+                                    send_error(request, 500, "internal gateway error",
+                                               "internal_error")))
+
+        if path == b"/metrics/prometheus" or (path == b"/metrics" and b"text/plain" in (
+                request.getHeader(b"accept") or b"")):
+            def page(replies: List[Any]) -> None:
+                texts = [r["text"] for r in replies if r]
+                text = merge_expositions(texts)
+                text += ("# HELP ntonix_workers Worker processes running\n"
+                         "# TYPE ntonix_workers gauge\n"
+                         f"ntonix_workers {sum(1 for p in sup.workers.values() if p.alive)}.0\n")
+                request.setResponseCode(200)
+                request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+                body = text.encode()
+                request.setHeader(b"Content-Length", b"%d" % len(body))
+                request.write(body)
+                request.finish()
+            return answer(sup.ask_all("metrics"), page)
+        if path in (b"/metrics", b"/cache/stats", b"/admission", b"/health"):
+            def status(replies: List[Any]) -> None:
+                alive = [r for r in replies if r]
+                if path == b"/metrics":
+                    send_json(request, summed_metrics([r["metrics"] for r in alive], sup))
+                elif path == b"/cache/stats":
+                    send_json(request, {"workers": [r["cache"] for r in alive]})
+                elif path == b"/admission":
+                    send_json(request, {"workers": [r["admission"] for r in alive]})
+                else:
+                    ok = bool(alive) and not all(r["draining"] for r in alive)
+                    send_json(request, {"status": "healthy" if ok else "unhealthy",
+                                        "workers": sup.as_json()}, 200 if ok else 503)
+            return answer(sup.ask_all("status"), status)
+        if path == b"/workers":
+            return send_json(request, {"workers": sup.as_json()})
+        if path == b"/backends":
+            first = sup.workers.get(0)
+            if first is None or not first.alive:
+                return send_error(request, 503, "worker 0 (the health checks) is not running",
+                                  "no_worker")
+            return answer(first.channel.call("backends", 5.0, sup.reactor),
+                          lambda r: send_json_body(request, 200, r["body"].encode()))
+        send_error(request, 404, f"no route {path.decode('latin-1')} on the supervisor's "
+                   "admin listener", "not_found")
+
+
+def summed_metrics(docs: List[Dict[str, Any]], sup: Supervisor) -> Dict[str, Any]:
+    """The JSON /metrics of one gateway, summed over the workers."""
+    out: Dict[str, Any] = {}
+    for key in ("requests_total", "requests_active", "requests_success", "requests_error",
+                "cache_hits", "cache_misses", "connections_active", "connections_total",
+                "memory_cache_bytes", "process_resident_memory_bytes"):
+        out[key] = sum(d.get(key, 0) for d in docs)
+    looked = out["cache_hits"] + out["cache_misses"]
+    out["cache_hit_rate"] = round(out["cache_hits"] / looked, 4) if looked else 0.0
+    out["uptime_seconds"] = max((d.get("uptime_seconds", 0) for d in docs), default=0)
+    out["backends"] = docs[0].get("backends", []) if docs else []
+    out["workers"] = sup.as_json()
+    return out

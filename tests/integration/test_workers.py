@@ -1,0 +1,167 @@
+"""server.workers: a supervising twistd process, worker processes adopting
+its sockets, through the real plugin."""
+
+import os
+import signal
+
+import pytest_twisted
+import treq
+from twisted.internet import defer
+
+from harness import (JSON, chat_body, http_client, raw_connect, raw_post, sleep, start_gateway,
+                     stop_gateway, within)
+
+
+async def workers(gw):
+    r = await within(http_client().get(gw.admin_url + "/workers"), 5)
+    return (await treq.json_content(r))["workers"]
+
+
+async def until_workers(gw, n, timeout=20.0, exclude=()):
+    waited = 0.0
+    while True:
+        ws = [w for w in await workers(gw) if w["alive"] and w["pid"] not in exclude]
+        if len(ws) >= n:
+            return ws
+        assert waited < timeout, ws
+        await sleep(0.1)
+        waited += 0.1
+
+
+async def chat(gw, text="hi"):
+    r = await within(http_client().post(gw.url + "/v1/chat/completions",
+                                        data=chat_body(text, temperature=0), headers=JSON), 10)
+    await treq.content(r)
+    return r
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_share_the_traffic_and_metrics_sum_exactly(mocks):
+    a, _ = mocks
+    gw = await start_gateway(["--port", "0", "--backend", a.address,
+                              "--set", "server.workers=2", "--set", "cache.enabled=false"])
+    try:
+        await until_workers(gw, 2)
+        prefixes = set()
+        n = 60
+        for i in range(n):
+            r = await chat(gw, f"q {i}")
+            assert r.code == 200
+            prefixes.add(r.headers.getRawHeaders(b"x-request-id")[0][:8])
+        assert len(prefixes) == 2, f"one worker took every connection: {prefixes}"
+        r = await within(http_client().get(gw.admin_url + "/metrics/prometheus"), 5)
+        text = (await treq.content(r)).decode()
+        served = sum(float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("ntonix_requests_total{") and 'route="chat"' in line)
+        assert served == n, text[:2000]
+        assert "ntonix_workers 2.0" in text
+        r = await within(http_client().get(gw.admin_url + "/metrics"), 5)
+        assert (await treq.json_content(r))["requests_total"] >= n
+    finally:
+        await stop_gateway(gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(mocks):
+    a, _ = mocks
+    gw = await start_gateway(["--port", "0", "--backend", a.address,
+                              "--set", "server.workers=2"])
+    try:
+        ws = await until_workers(gw, 2)
+        victim = ws[1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        codes = []
+        for i in range(30):  # meanwhile: every request answered
+            r = await chat(gw, f"during {i}")
+            codes.append(r.code)
+        assert codes == [200] * 30
+        ws = await until_workers(gw, 2, exclude=(victim,))
+        assert victim not in {w["pid"] for w in ws}
+        assert "worker 1 (pid" in gw.output.decode() and "starting it again" in gw.output.decode()
+    finally:
+        await stop_gateway(gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reaches_every_worker(mocks):
+    a, _ = mocks
+    gw = await start_gateway(["--port", "0", "--backend", a.address,
+                              "--set", "server.workers=2"])
+    try:
+        await until_workers(gw, 2)
+        gw.terminate("HUP")
+        for _ in range(100):
+            out = gw.output.decode()
+            if "worker 0 reloaded" in out and "worker 1 reloaded" in out:
+                break
+            await sleep(0.1)
+        else:
+            raise AssertionError(gw.output.decode()[-3000:])
+    finally:
+        await stop_gateway(gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_drains_streams_on_every_worker(mocks):
+    a, _ = mocks
+    a.knobs.itl_ms = 50
+    gw = await start_gateway(["--port", "0", "--backend", a.address, "--set", "server.workers=2",
+                              "--set", "cache.enabled=false"])
+    try:
+        await until_workers(gw, 2)
+        clients = []
+        for i in range(16):
+            c = await raw_connect(gw.port)
+            c.transport.write(raw_post(chat_body(f"stream {i}", stream=True, max_tokens=30),
+                                       close=True))
+            clients.append(c)
+            await sleep(0.03)  # one at a time: either worker may take each
+        await sleep(0.2)  # every stream under way
+        gw.terminate("TERM")
+        await defer.gatherResults([within(c.closed, 20) for c in clients])
+        for c in clients:
+            assert c.status == 200 and b"data: [DONE]" in c.received, c.received[-200:]
+        prefixes = {c.received.split(b"X-Request-ID: ", 1)[1][:8] for c in clients}
+        assert len(prefixes) == 2, "the streams did not reach both workers"
+        await within(gw.ended, 30)  # twistd ends as SIGTERM'd processes do
+        out = gw.output.decode()
+        assert "did not stop" not in out and "Traceback" not in out, out[-3000:]
+    finally:
+        await stop_gateway(gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_checks_run_once_per_machine_and_every_worker_sees_a_circuit_open(mocks):
+    a, b = mocks
+    gw = await start_gateway(["--port", "0", "--backend", a.address, "--backend", b.address,
+                              "--set", "server.workers=2", "--set", "health.interval_seconds=0.2",
+                              "--set", "health.failure_threshold=1",
+                              "--set", "cache.enabled=false"])
+    try:
+        await until_workers(gw, 2)
+        before = a.count("/health")
+        await sleep(2.0)
+        checks = a.count("/health") - before
+        assert 6 <= checks <= 13, f"{checks} health checks of one backend in 2 s at 0.2 s"
+        await b.kill()
+        await sleep(0.6)  # three check intervals: worker 0 opened b's circuit, 1 was told
+        r = await within(http_client().get(gw.admin_url + "/backends"), 5)
+        state = {x["name"]: x["circuit"] for x in (await treq.json_content(r))["backends"]}
+        assert state[b.address] == "open", state
+        prefixes = set()
+        for i in range(30):
+            r = await chat(gw, f"after {i}")
+            assert r.code == 200
+            prefixes.add(r.headers.getRawHeaders(b"x-request-id")[0][:8])
+        assert len(prefixes) == 2  # both workers answered, neither tried the dead backend
+        r = await within(http_client().get(gw.admin_url + "/metrics/prometheus"), 5)
+        text = (await treq.content(r)).decode()
+        errors_b = sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith("ntonix_backend_errors_total{")
+                       and b.address in line)
+        # Worker 0's failed health checks only: no request was sent to it.
+        sent_b = sum(float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("ntonix_backend_requests_total{") and b.address in line)
+        assert sent_b == 0, (sent_b, errors_b)
+    finally:
+        await stop_gateway(gw)
