@@ -751,6 +751,11 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
         # Given weights complete the defaults rather than replace them.
         cfg = attrs.evolve(cfg, balancer=attrs.evolve(
             cfg.balancer, weights={**DEFAULT_WEIGHTS, **cfg.balancer.weights}))
+    if cfg.demo.enabled and 0 in cfg.demo.ports and cfg.server.workers.strip() != "1":
+        errors.append(f"demo.ports = {_show(cfg.demo.ports)} "
+                      f"({merged['demo.ports'].source if 'demo.ports' in merged else DEFAULT_SOURCE}"
+                      "): with server.workers above 1 the demo's mocks need fixed ports, "
+                      "which every worker sends to")
     header = cfg.tenants.header
     if header and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", header):
         errors.append(f"tenants.header = {_show(header)} ({merged['tenants.header'].source}): "

@@ -248,7 +248,12 @@ def build_service(config: cfgmod.Config, reactor: Any,
     site = GatewayServer(Router(gateway), limits, reactor)
     gateway.metrics.sites.append(site)
     if config.demo.enabled:
-        DemoBackendsService(reactor, gateway, config.demo.ports).setServiceParent(top)
+        if worker is None or worker.index == 0:
+            DemoBackendsService(reactor, gateway, config.demo.ports).setServiceParent(top)
+        else:
+            # Worker 0 runs the demo's mocks; the others only send to them.
+            gateway.add_runtime_backends(
+                [cfgmod.BackendConfig("127.0.0.1", p, 1) for p in config.demo.ports])
     if worker is None or worker.index == 0:
         # Once per machine: the other workers get worker 0's view.
         HealthChecker(gateway, reactor).setServiceParent(top)

@@ -102,10 +102,12 @@ class WorkerProcess(protocol.ProcessProtocol):
             cut = data.rfind(b"\n") + 1
             self._log_tail = data[cut:]
             if cut:
-                out = getattr(sys.stdout, "buffer", None)
+                # twistd replaces sys.stdout with a logging file: write to
+                # the real one, where this process's own log lines go.
+                out = sys.__stdout__
                 if out is not None:
-                    out.write(data[:cut])
-                    sys.stdout.flush()
+                    out.buffer.write(data[:cut])
+                    out.flush()
 
     def processEnded(self, reason: Any) -> None:
         self.alive = False
@@ -129,6 +131,7 @@ class Supervisor(Service):
         self.stopping = False
         self.sync_loop: Optional[LoopingCall] = None
         self._previous_hup: Any = None
+        self._stop_requested = False
 
     # -- start
     def startService(self) -> None:
@@ -156,6 +159,24 @@ class Supervisor(Service):
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         except ValueError:
             pass  # not the main thread (an embedding test)
+        self.reactor.callWhenRunning(self._stop_on_signals)
+
+    def _stop_on_signals(self) -> None:
+        """A service manager may signal the whole process group: the parent
+        then gets SIGTERM twice (its own and the group's). Stop once."""
+        def stop(*_: Any) -> None:
+            self.reactor.callFromThread(self._stop_once)
+        try:
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+        except ValueError:
+            pass
+
+    def _stop_once(self) -> None:
+        if not self._stop_requested and self.reactor.running:
+            self._stop_requested = True
+            log.info("stopping: draining every worker")
+            self.reactor.stop()
 
     def spawn(self, index: int) -> None:
         http = self.sockets["http"]
