@@ -161,6 +161,8 @@ def build_supervisor(config: cfgmod.Config, reactor: Any, count: int, args: List
     admin listener and supervises ``count`` worker processes."""
     from ntonix.workers.supervisor import Supervisor, SupervisorRouter
     top = GatewayService(make_observer(config.logging, daemon_log=daemon_log, reactor=reactor))
+    for line in config.warnings:
+        log.warn("configuration warning: {warning}", warning=line)
     sup = Supervisor(config, reactor, args, count, tls_wanted(config))
     if config.admin.http_port >= 0:
         # Listening before the traffic sockets are announced, as one gateway does.
@@ -267,7 +269,8 @@ def build_service(config: cfgmod.Config, reactor: Any,
     if config.admin.enabled:
         try:
             console = make_console_factory(
-                gateway, config, reload_service.reload if reload_service else None)
+                gateway, config, worker.reload_all if worker is not None
+                else reload_service.reload if reload_service else None)
         except ConfigError as e:
             raise config_exit(e) from None
         ListenerService(reactor, config.admin.port, config.admin.bind, console,

@@ -10,6 +10,7 @@ supervisor relays.
 """
 
 import argparse
+import os
 import socket
 import sys
 from typing import Any, Dict, List, Optional
@@ -31,10 +32,22 @@ class WorkerContext:
     http_fd: int
     https_fd: Optional[int] = None
     family: int = socket.AF_INET
+    channel: Any = None  # to the supervisor, once open
+
+    def reload_all(self) -> bool:
+        """The console's reload(): every worker, through the supervisor."""
+        if self.channel is None:
+            return False
+        self.channel.tell("reload_all")
+        return True
 
     def adopt(self, reactor: Any, fd: int) -> Any:
         def listen(port: int, factory: Any, interface: str = "", backlog: int = 0) -> Any:
-            return reactor.adoptStreamPort(fd, self.family, factory)
+            adopted = reactor.adoptStreamPort(fd, self.family, factory)
+            # The port has its own copy: with this one open the socket would
+            # still accept after the worker stops listening.
+            os.close(fd)
+            return adopted
         return listen
 
 
@@ -43,7 +56,10 @@ def for_worker(config: Any, index: int) -> Any:
     supervisor has it), the console in worker 0 only."""
     admin = attrs.evolve(config.admin, http_port=-1,
                          enabled=config.admin.enabled and index == 0)
-    return attrs.evolve(config, admin=admin)
+    # Logs go to stderr, relayed by the supervisor into its own log: one
+    # writer per file, one rotation.
+    logging = attrs.evolve(config.logging, file="", enable_console=True, enable_colors=False)
+    return attrs.evolve(config, admin=admin, logging=logging)
 
 
 def fleet_of(gateway: Any) -> List[Dict[str, Any]]:
@@ -63,8 +79,13 @@ def fleet_of(gateway: Any) -> List[Dict[str, Any]]:
     return out
 
 
+_last_seen: Dict[str, str] = {}
+
+
 def apply_fleet(gateway: Any, fleet: List[Dict[str, Any]]) -> None:
-    """Take worker 0's view of the backends: circuits, loading, models, load."""
+    """Take worker 0's view of the backends: loading, models, load, and the
+    circuit changes it saw (only changes: a circuit this worker opened on its
+    own requests' failures stays open until worker 0's checks change)."""
     from ntonix.routing.backend import ScrapedLoad
     from ntonix.routing.breaker import CLOSED, OPEN
     by_name = {b.name: b for b in gateway.backends}
@@ -74,10 +95,13 @@ def apply_fleet(gateway: Any, fleet: List[Dict[str, Any]]) -> None:
         if b is None:
             continue
         br = b.breaker
-        if item["circuit"] == OPEN and br.state != OPEN:
-            br.force_open(item["reason"] or "open in the health checks")
-        elif item["circuit"] == CLOSED and br.state != CLOSED:
-            br.reset()
+        seen = _last_seen.get(b.name)
+        _last_seen[b.name] = item["circuit"]
+        if seen != item["circuit"]:
+            if item["circuit"] == OPEN and br.state != OPEN:
+                br.force_open(item["reason"] or "open in the health checks")
+            elif item["circuit"] == CLOSED and seen is not None and br.state != CLOSED:
+                br.reset()
         b.loading = item["loading"]
         b.probe_path = item["probe_path"]
         if not b.removed:
@@ -129,10 +153,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             return {"text": gateway.metrics.prometheus(b"text/plain")[0].decode()}
         if op == "status":
             return {"metrics": gateway.metrics.as_json(gateway),
+                    "backends_available": sum(1 for b in gateway.backends if b.available),
                     "cache": gateway.cache.as_json(), "admission": gateway.admission.as_json(),
                     "draining": gateway.draining}
         if op == "fleet":
-            return {"fleet": fleet_of(gateway)}
+            return {"fleet": fleet_of(gateway), "uptime": gateway.uptime()}
         if op == "backends":
             import json
             doc = {"now": reactor.seconds(), "algorithm": gateway.config.balancer.algorithm,
@@ -147,6 +172,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise ValueError(f"unknown op {op!r}")
 
     channel = Channel(handle)
+    ctx.channel = channel
     channel.on_lost = lambda: reactor.callLater(0, _parent_gone, reactor)
     stdio.StandardIO(channel, reactor=reactor)
     top.startService()

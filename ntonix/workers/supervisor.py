@@ -21,6 +21,7 @@ Parent and workers talk in netstrings over the workers' stdin and stdout
 """
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -38,12 +39,19 @@ log = Logger(namespace="ntonix.workers")
 
 LISTEN_BACKLOG = 1024
 # Gauges whose meaning across workers is the largest, not the sum.
-MAX_GAUGES = frozenset({"ntonix_uptime_seconds", "ntonix_build_info", "ntonix_redis_up"})
+# (Every worker reports the same backends: their state is not additive.)
+MAX_GAUGES = frozenset({"ntonix_uptime_seconds", "ntonix_build_info", "ntonix_redis_up",
+                        "ntonix_backend_circuit_state", "ntonix_backend_latency_avg_seconds",
+                        "ntonix_backend_loading", "ntonix_backend_prefix_blocks"})
 
 
 def worker_count(value: str) -> int:
     if value == "auto":
-        return max(1, os.cpu_count() or 1)
+        try:
+            cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use
+        except AttributeError:
+            cpus = os.cpu_count() or 1
+        return max(1, min(256, cpus))
     return int(value)
 
 
@@ -78,11 +86,28 @@ class _PipeTransport:
     getHost = getPeer
 
 
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z\s+")
+_relay = Logger(namespace="ntonix.workers.relay")
+
+
+def relay_line(index: int, line: str) -> None:
+    """A worker's log line, re-emitted by the supervisor at its level."""
+    if not line.strip():
+        return
+    text = _STAMP.sub("", line)
+    emit = _relay.info
+    if text.startswith(("WARN", "WARNING")):
+        emit = _relay.warn
+    elif text.startswith(("ERROR", "CRITICAL")):
+        emit = _relay.error
+    emit("worker {index}: {line}", index=index, line=text)
+
+
 class WorkerProcess(protocol.ProcessProtocol):
     def __init__(self, supervisor: "Supervisor", index: int) -> None:
         self.supervisor = supervisor
         self.index = index
-        self.channel = Channel()
+        self.channel = Channel(supervisor.from_worker)
         self.started_at = supervisor.reactor.seconds()
         self.pid: Optional[int] = None
         self.ended: defer.Deferred = defer.Deferred()
@@ -97,17 +122,13 @@ class WorkerProcess(protocol.ProcessProtocol):
         if fd == 1:
             self.channel.dataReceived(data)
         elif fd == 2:
-            # Whole lines only, so that two workers' lines do not interleave.
+            # Whole lines, through this process's own log (its file, its
+            # console, or twistd's log when daemonized).
             data = self._log_tail + data
             cut = data.rfind(b"\n") + 1
             self._log_tail = data[cut:]
-            if cut:
-                # twistd replaces sys.stdout with a logging file: write to
-                # the real one, where this process's own log lines go.
-                out = sys.__stdout__
-                if out is not None:
-                    out.buffer.write(data[:cut])
-                    out.flush()
+            for line in data[:cut].decode("utf-8", "replace").splitlines():
+                relay_line(self.index, line)
 
     def processEnded(self, reason: Any) -> None:
         self.alive = False
@@ -132,6 +153,9 @@ class Supervisor(Service):
         self.sync_loop: Optional[LoopingCall] = None
         self._previous_hup: Any = None
         self._stop_requested = False
+        # The latest metrics page of each worker, and those of replaced ones.
+        self.last_metrics: Dict[int, str] = {}
+        self.retired_metrics: List[str] = []
 
     # -- start
     def startService(self) -> None:
@@ -194,6 +218,12 @@ class Supervisor(Service):
         log.info("worker {index} started (pid {pid})", index=index, pid=proc.pid)
 
     def ended(self, proc: WorkerProcess, why: Any) -> None:
+        last = self.last_metrics.pop(proc.index, None)
+        if last is not None:
+            self.retired_metrics.append(last)
+            if len(self.retired_metrics) > 16:
+                # Fold old ones together: the page count stays bounded.
+                self.retired_metrics = [merge_expositions([], self.retired_metrics)]
         if self.stopping or self.workers.get(proc.index) is not proc:
             return
         lived = self.reactor.seconds() - proc.started_at
@@ -220,6 +250,8 @@ class Supervisor(Service):
         d = first.channel.call("fleet", 2.0, self.reactor)
 
         def spread(reply: Dict[str, Any]) -> None:
+            if reply.get("uptime", 0) < self.config.health.interval_seconds:
+                return  # a new worker 0 has not checked anything yet
             for i, proc in self.workers.items():
                 if i != 0 and proc.alive:
                     proc.channel.tell("apply_fleet", fleet=reply["fleet"])
@@ -227,6 +259,13 @@ class Supervisor(Service):
         d.addCallback(spread)
         d.addErrback(lambda f: log.debug("fleet sync: {why}", why=f.getErrorMessage()))
         return d
+
+    def from_worker(self, msg: Dict[str, Any]) -> Any:
+        """A worker's request: the console (in worker 0) reloads every worker."""
+        if msg.get("op") == "reload_all":
+            self.reload()
+            return None
+        raise ValueError(f"unknown op {msg.get('op')!r}")
 
     def reload(self) -> "defer.Deferred[Any]":
         log.info("SIGHUP: reloading every worker")
@@ -256,38 +295,40 @@ class Supervisor(Service):
         self.stopping = True
         if self.sync_loop is not None and self.sync_loop.running:
             self.sync_loop.stop()
-        if self._previous_hup is not None:
-            try:
-                signal.signal(signal.SIGHUP, self._previous_hup)
-            except ValueError:
-                pass
+        try:
+            # A SIGHUP during the drain must not kill the supervisor.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        except ValueError:
+            pass
         procs = [p for p in self.workers.values() if p.alive]
         for p in procs:
             try:
                 p.transport.signalProcess("TERM")  # each drains, as one gateway does
             except Exception:
                 pass
+        # New connections are refused at once, as by one draining gateway
+        # (the workers close their copies as they stop listening).
+        for sock in self.sockets.values():
+            sock.close()
         s = self.config.server
         grace = s.shutdown_timeout_seconds + s.drain_delay_seconds + 5.0
-        waited = defer.DeferredList([p.ended for p in procs])
+        waited = defer.DeferredList([p.ended for p in procs], consumeErrors=True)
         waited.addTimeout(grace, self.reactor)
 
-        def kill(_: Any) -> None:
-            for p in procs:
-                if p.alive:
-                    log.warn("worker {index} did not stop within {s:g}s: killed",
-                             index=p.index, s=grace)
-                    try:
-                        p.transport.signalProcess("KILL")
-                    except Exception:
-                        pass
+        def kill(_: Any) -> Any:
+            late = [p for p in procs if p.alive]
+            for p in late:
+                log.warn("worker {index} did not stop within {s:g}s: killed", index=p.index,
+                         s=grace)
+                try:
+                    p.transport.signalProcess("KILL")
+                except Exception:
+                    pass
+            # Bounded: a killed process ends at once.
+            return defer.DeferredList([p.ended for p in late], consumeErrors=True) \
+                .addTimeout(5.0, self.reactor).addErrback(lambda _: None)
 
-        waited.addErrback(kill)
-
-        def close(_: Any) -> None:
-            for sock in self.sockets.values():
-                sock.close()
-        return waited.addBoth(close)
+        return waited.addBoth(kill).addBoth(lambda _: None)
 
     def as_json(self) -> List[Dict[str, Any]]:
         now = self.reactor.seconds()
@@ -296,13 +337,17 @@ class Supervisor(Service):
                  "restarts": self.restarts.get(i, 0)} for i, p in sorted(self.workers.items())]
 
 
-def merge_expositions(texts: List[str]) -> str:
+def merge_expositions(texts: List[str], retired: Optional[List[str]] = None) -> str:
     """One Prometheus text page from the workers' pages: counters,
-    histograms and most gauges summed per series; uptime-like gauges the
-    largest."""
+    histograms and most gauges summed per series; state-like gauges the
+    largest. ``retired``: the last pages of workers that were replaced,
+    whose counters and histograms still count (so totals never go down)."""
     families: Dict[str, Dict[str, Any]] = {}
-    for text in texts:
+    pages = [(t, False) for t in texts] + [(t, True) for t in retired or ()]
+    for text, old_worker in pages:
         for fam in text_string_to_metric_families(text):
+            if old_worker and fam.type not in ("counter", "histogram"):
+                continue
             f = families.setdefault(fam.name, {"type": fam.type, "help": fam.documentation,
                                                "samples": {}})
             for sm in fam.samples:
@@ -368,8 +413,13 @@ class SupervisorRouter:
         if path == b"/metrics/prometheus" or (path == b"/metrics" and b"text/plain" in (
                 request.getHeader(b"accept") or b"")):
             def page(replies: List[Any]) -> None:
-                texts = [r["text"] for r in replies if r]
-                text = merge_expositions(texts)
+                live = [p for _, p in sorted(sup.workers.items()) if p.alive]
+                for p, r in zip(live, replies):
+                    if r:
+                        sup.last_metrics[p.index] = r["text"]
+                # A worker slow to answer counts with its last page.
+                texts = [sup.last_metrics[p.index] for p in live if p.index in sup.last_metrics]
+                text = merge_expositions(texts, sup.retired_metrics)
                 text += ("# HELP ntonix_workers Worker processes running\n"
                          "# TYPE ntonix_workers gauge\n"
                          f"ntonix_workers {sum(1 for p in sup.workers.values() if p.alive)}.0\n")
@@ -380,6 +430,8 @@ class SupervisorRouter:
                 request.write(body)
                 request.finish()
             return answer(sup.ask_all("metrics"), page)
+        if path == b"/readyz":
+            path = b"/health"
         if path in (b"/metrics", b"/cache/stats", b"/admission", b"/health"):
             def status(replies: List[Any]) -> None:
                 alive = [r for r in replies if r]
@@ -390,10 +442,14 @@ class SupervisorRouter:
                 elif path == b"/admission":
                     send_json(request, {"workers": [r["admission"] for r in alive]})
                 else:
-                    ok = bool(alive) and not all(r["draining"] for r in alive)
+                    # As one gateway: ready while some worker can send a
+                    # request to some backend and is not draining.
+                    ok = any(r.get("backends_available") and not r["draining"] for r in alive)
                     send_json(request, {"status": "healthy" if ok else "unhealthy",
                                         "workers": sup.as_json()}, 200 if ok else 503)
             return answer(sup.ask_all("status"), status)
+        if path == b"/livez":
+            return send_json(request, {"status": "alive", "workers": sup.as_json()})
         if path == b"/workers":
             return send_json(request, {"workers": sup.as_json()})
         if path == b"/backends":

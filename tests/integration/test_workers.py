@@ -57,6 +57,10 @@ async def test_two_workers_share_the_traffic_and_metrics_sum_exactly(mocks):
         assert "ntonix_workers 2.0" in text
         r = await within(http_client().get(gw.admin_url + "/metrics"), 5)
         assert (await treq.json_content(r))["requests_total"] >= n
+        for path in ("/livez", "/readyz", "/health"):
+            r = await within(http_client().get(gw.admin_url + path), 5)
+            await treq.content(r)
+            assert r.code == 200, path
     finally:
         await stop_gateway(gw)
 
@@ -118,6 +122,15 @@ async def test_sigterm_drains_streams_on_every_worker(mocks):
             await sleep(0.03)  # one at a time: either worker may take each
         await sleep(0.2)  # every stream under way
         gw.terminate("TERM")
+        await sleep(0.5)
+        # Draining: streams in progress go on, new connections are refused.
+        try:
+            late = await raw_connect(gw.port)
+        except Exception as e:
+            assert "refused" in str(e).lower(), e
+        else:
+            late.transport.loseConnection()
+            raise AssertionError("a draining gateway still accepted a connection")
         await defer.gatherResults([within(c.closed, 20) for c in clients])
         for c in clients:
             assert c.status == 200 and b"data: [DONE]" in c.received, c.received[-200:]
