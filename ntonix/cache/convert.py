@@ -25,6 +25,8 @@ import json
 import re
 from typing import Any, Dict, List, Optional
 
+from ntonix.upstream.usage import is_usage_only, split_events
+
 CHAT, CHAT_CHUNK, TEXT = "chat.completion", "chat.completion.chunk", "text_completion"
 # Words per streamed piece: a few tokens, as a server's chunks carry.
 WORDS_PER_PIECE = 3
@@ -283,8 +285,8 @@ def with_usage_as_asked(chunks: List[bytes], include_usage: bool,
     taken out when it did not ask, added (from the usage the backend sent)
     when it did and the recording has none. None when nothing changes."""
     body = b"".join(chunks)
-    blocks = [b for b in re.split(rb"(?<=\n\n)", body) if b]
-    has = [i for i, b in enumerate(blocks) if _is_usage_only(b)]
+    blocks = split_events(body)
+    has = [i for i, b in enumerate(blocks) if is_usage_only(b)]
     if has and not include_usage:
         return [b for i, b in enumerate(blocks) if i not in has]
     if include_usage and not has and usage is not None:
@@ -301,15 +303,3 @@ def with_usage_as_asked(chunks: List[bytes], include_usage: bool,
                 if k in first}
         return blocks[:-1] + [_event({**head, "choices": [], "usage": u}), blocks[-1]]
     return None
-
-
-def _is_usage_only(block: bytes) -> bool:
-    if b'"usage"' not in block:
-        return False
-    payload = b"\n".join(line[5:].lstrip() for line in block.splitlines()
-                         if line.startswith(b"data:"))
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        return False
-    return isinstance(doc, dict) and not doc.get("choices") and isinstance(doc.get("usage"), dict)

@@ -154,37 +154,59 @@ def converted_entry(entry: Entry, stream: bool, include_usage: bool) -> Optional
                  duration=entry.duration, usage=entry.usage)
 
 
+class RemoteResponse:
+    """The response head of an answer not fetched by this gateway's exchange."""
+
+    def __init__(self, code: int, phrase: bytes) -> None:
+        self.code, self.phrase, self.length = code, phrase, None
+
+
+class RemoteExchange:
+    """What a flight asks of its exchange, for an answer from elsewhere (the
+    shared store, another gateway)."""
+
+    remote = True  # its framing is whatever the first asker elsewhere asked
+
+    def __init__(self, headers: list, sse: bool) -> None:
+        self.headers = headers
+        self.sse = sse
+        self.backend_name = None
+
+    def response_headers(self) -> list:
+        return self.headers
+
+    def cancel(self) -> None:
+        pass
+
+
+class NoProducer:
+    """Nothing to pause: the answer is already here, or paced elsewhere."""
+
+    def pauseProducing(self) -> None:
+        pass
+
+    resumeProducing = stopProducing = pauseProducing
+
+
 def feed_from_entry(flight: "Flight", entry: Entry) -> None:
     """Play a stored entry into ``flight`` as if an exchange answered it."""
-    from ntonix.cache.shared import _NoProducer, _RemoteExchange, _RemoteResponse
-    flight.commit(_RemoteExchange(entry.headers, entry.sse),  # type: ignore[arg-type]
-                  _RemoteResponse(entry.code, entry.phrase, entry.sse), _NoProducer())
+    flight.commit(RemoteExchange(entry.headers, entry.sse),  # type: ignore[arg-type]
+                  RemoteResponse(entry.code, entry.phrase), NoProducer())
     for chunk in entry.chunks:
         flight.write(chunk)
     flight.usage = entry.usage
     flight.end(True, None)
 
 
-class ConvertingSubscriber:
+class ConvertingSubscriber(Subscriber):
     """A client of a flight in the other framing: nothing can be sent until
     the whole answer is there, then it gets it converted at once."""
 
     def __init__(self, flight: "Flight", request: Request, stream: bool,
                  include_usage: bool) -> None:
-        self.flight = flight
-        self.request = request
-        self.stream = stream
-        self.include_usage = include_usage
-        self.index = 0  # keeps every chunk of the flight until the end
-        self.paused = False
-        self.finished = False
-        self.gone = False
-        request.when_done(self._done)
-
-    def _done(self, reason: Any) -> None:
-        if reason is not None:
-            self.gone = True
-            self.flight.leave(self)
+        super().__init__(flight, request, b"HIT", include_usage)
+        self.stream = stream  # the framing it asked for
+        # index stays 0: the flight keeps every chunk until the end.
 
     def start(self) -> None:
         pass  # the head waits for the whole answer
@@ -193,11 +215,11 @@ class ConvertingSubscriber:
         f = self.flight
         if self.finished or self.gone or not f.ended:
             return
-        self.finished = True
         f.leave(self)
         entry = converted_entry(f.entry(), self.stream, self.include_usage) \
             if f.complete and f.code == 200 else None
         if entry is not None:
+            self.finished = True
             Replay(entry, self.request, f.clock, False).start()
             return
         f.store.stats.unconvertible += 1
@@ -205,16 +227,6 @@ class ConvertingSubscriber:
                if not f.complete else
                f"the shared answer (HTTP {f.code}) cannot be served in this format")
         self.fail(502, why, "shared_answer_unusable", False)
-
-    def fail(self, status: int, message: str, code: str, retry_after: Any) -> None:
-        self.finished = True
-        if self.gone:
-            return
-        info = self.request.info
-        if info is not None:
-            info.upstream_failed = True
-        self.request.setHeader(b"X-Cache", b"HIT")
-        answer_error(self.request, status, message, code, retry_after)
 
 
 class Flight:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ntonix.cache.flight import NoProducer, RemoteExchange, RemoteResponse
 from ntonix.cache.store import Entry
 
 if TYPE_CHECKING:
@@ -309,36 +310,6 @@ class Publisher:
         self.end(False, None)
 
 
-class _RemoteResponse:
-    def __init__(self, code: int, phrase: bytes, sse: bool) -> None:
-        self.code, self.phrase, self.length = code, phrase, None
-        self.sse = sse
-
-
-class _RemoteExchange:
-    """What a flight asks of its exchange, for an answer read from Redis."""
-
-    remote = True  # its framing is whatever the first asker elsewhere asked
-
-    def __init__(self, headers: list, sse: bool) -> None:
-        self.headers = headers
-        self.sse = sse
-        self.backend_name = None
-
-    def response_headers(self) -> list:
-        return self.headers
-
-    def cancel(self) -> None:
-        pass
-
-
-class _NoProducer:
-    def pauseProducing(self) -> None:
-        pass
-
-    resumeProducing = stopProducing = pauseProducing
-
-
 class Follower:
     """Feeds a local flight from another gateway's live answer."""
 
@@ -394,9 +365,9 @@ class Follower:
                 doc = json.loads(data)
                 headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in doc["headers"]]
                 self.started = True
-                self.flight.commit(_RemoteExchange(headers, doc["sse"]),
-                                   _RemoteResponse(doc["code"], doc["phrase"].encode("latin-1"),
-                                                   doc["sse"]), _NoProducer())
+                self.flight.commit(RemoteExchange(headers, doc["sse"]),
+                                   RemoteResponse(doc["code"], doc["phrase"].encode("latin-1")),
+                                   NoProducer())
             elif kind == b"data" and self.started:
                 self.flight.write(data)
             elif kind == b"end" and self.started:

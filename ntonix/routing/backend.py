@@ -113,11 +113,6 @@ class Backend:
             return not self.models
         return model in reported
 
-    def is_adapter(self, model: str) -> bool:
-        """``model`` is a LoRA adapter here (it names a parent model)."""
-        entry = (self.reported or {}).get(model)
-        return bool(entry and entry.get("parent"))
-
     def set_load(self, load: ScrapedLoad) -> None:
         self.load = load
         # Ours are counted by in_flight as they start and end; the page

@@ -18,7 +18,7 @@ number of backends.
 
 import json
 from collections import OrderedDict
-from typing import Any, Dict, Hashable, List, Mapping, Optional
+from typing import Any, Dict, Hashable, List, Mapping
 
 import xxhash
 
@@ -134,12 +134,3 @@ class PrefixIndex:
             while len(lru) > capacity_blocks:
                 old, _ = lru.popitem(last=False)
                 self._drop(old, backend)
-
-
-def leading_tokens(blocks: int, block_bytes: int, prompt_bytes: Optional[int] = None) -> int:
-    """An estimate of the tokens in ``blocks`` blocks (about 4 bytes a token,
-    as for English text with the common tokenizers)."""
-    n = blocks * block_bytes
-    if prompt_bytes is not None:
-        n = min(n, prompt_bytes)
-    return max(0, n // 4)

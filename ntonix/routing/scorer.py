@@ -161,7 +161,6 @@ class InferenceScorer:
         ctx.uncached_tokens = self._uncached(ctx, matched)
         ctx.ahead = b.in_flight
         ctx.prefill_open = True
-        ctx.output_events = 0
         b.pending_prefill += ctx.uncached_tokens
         if ctx.hashes:
             self.index.add(b, ctx.hashes)

@@ -316,6 +316,8 @@ class Exchange:
         elapsed = now - self.attempt_started
         route = self.route
         if route is not None:
+            # The tap counted the stream's events (each chunk is scanned once).
+            route.output_events = self.tap.events if self.tap is not None else 0
             first = self.first_byte_at
             attempt_ended(b, route, now - first if verdict and first is not None
                           and first >= self.attempt_started else None)
@@ -423,7 +425,7 @@ class Exchange:
         if self.account and response.code == 200:
             if self.sse:
                 # A length announced for a stream forbids taking bytes out.
-                self.tap = UsageTap(True, self.strip_usage and response.length is None)
+                self.tap = UsageTap(self.strip_usage and response.length is None)
             else:
                 # A JSON answer's usage is in its last bytes: keep those.
                 self.json_tail = b""
@@ -455,8 +457,6 @@ class Exchange:
 
     def deliver(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if self.route is not None:
-            self.route.output_events += data.count(b"data:")
         if self.tap is not None:
             data = self.tap.feed(data)
             if not data:

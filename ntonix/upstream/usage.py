@@ -51,8 +51,7 @@ class UsageTap:
 
     __slots__ = ("strip", "partial", "usage", "events", "gave_up")
 
-    def __init__(self, sse: bool, strip: bool) -> None:
-        assert sse, "a JSON answer's usage is read with usage_numbers"
+    def __init__(self, strip: bool) -> None:
         self.strip = strip
         self.partial = b""
         self.usage: Optional[Tuple[int, int, int]] = None
@@ -86,13 +85,13 @@ class UsageTap:
 
     def _read_usage(self, complete: bytes) -> bytes:
         out = []
-        for block in _split_events(complete):
+        for block in split_events(complete):
             if b'"usage"' in block and b'"usage":null' not in block \
                     and b'"usage": null' not in block:
                 found = usage_numbers(block)
                 if found is not None:
                     self.usage = found
-                    if self.strip and _usage_only(block):
+                    if self.strip and is_usage_only(block):
                         continue
             out.append(block)
         return b"".join(out)
@@ -107,7 +106,7 @@ def _last_boundary(buf: bytes) -> int:
     return max(i + 2 if i >= 0 else -1, j + 4 if j >= 0 else -1)
 
 
-def _split_events(data: bytes) -> List[bytes]:
+def split_events(data: bytes) -> List[bytes]:
     """``data`` (whole events) as one bytes per event, separators kept."""
     out = []
     pos = 0
@@ -119,8 +118,10 @@ def _split_events(data: bytes) -> List[bytes]:
     return out
 
 
-def _usage_only(block: bytes) -> bool:
-    """The final usage chunk: no choices, only usage."""
+def is_usage_only(block: bytes) -> bool:
+    """One SSE event that is the final usage chunk: no choices, only usage."""
+    if b'"usage"' not in block:
+        return False
     payload = b"\n".join(line[5:].lstrip() for line in block.splitlines()
                          if line.startswith(b"data:"))
     try:

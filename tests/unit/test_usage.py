@@ -18,7 +18,7 @@ def relay(tap, pieces):
 def test_strip_takes_out_only_the_usage_chunk_however_the_reads_fall():
     stream = CHUNK * 3 + USAGE + DONE
     for size in (1, 7, 50, len(stream)):
-        tap = UsageTap(True, strip=True)
+        tap = UsageTap(strip=True)
         out = relay(tap, [stream[i:i + size] for i in range(0, len(stream), size)])
         assert out == CHUNK * 3 + DONE, size
         assert tap.usage == (3, 5, 2)
@@ -26,7 +26,7 @@ def test_strip_takes_out_only_the_usage_chunk_however_the_reads_fall():
 
 def test_without_strip_the_bytes_pass_unchanged_and_usage_is_read():
     stream = CHUNK + USAGE + DONE
-    tap = UsageTap(True, strip=False)
+    tap = UsageTap(strip=False)
     pieces = [stream[:10], stream[10:70], stream[70:]]
     assert [tap.feed(p) for p in pieces] == pieces and tap.end() == b""
     assert tap.usage == (3, 5, 2)
@@ -35,13 +35,13 @@ def test_without_strip_the_bytes_pass_unchanged_and_usage_is_read():
 def test_crlf_separators_and_null_usage_fields():
     chunk = b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\r\n\r\n'
     usage = USAGE.replace(b"\n\n", b"\r\n\r\n")
-    tap = UsageTap(True, strip=True)
+    tap = UsageTap(strip=True)
     assert relay(tap, [chunk, usage, b"data: [DONE]\r\n\r\n"]) == chunk + b"data: [DONE]\r\n\r\n"
     assert tap.usage == (3, 5, 2)
 
 
 def test_a_backend_that_never_ends_an_event_is_relayed_not_held():
-    tap = UsageTap(True, strip=True)
+    tap = UsageTap(strip=True)
     out = tap.feed(b"data: " + b"x" * (70 * 1024))
     assert len(out) > 64 * 1024 and tap.gave_up
 
