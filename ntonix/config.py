@@ -47,13 +47,16 @@ def setting(
     factory: Optional[Callable[[], Any]] = None,
     cli: Optional[str] = None,
     restart: bool = False,
+    number_ok: bool = False,
 ) -> Any:
     """An attrs field carrying what validation and documentation need.
 
-    ``restart`` marks settings that a SIGHUP reload cannot change.
+    ``restart`` marks settings that a SIGHUP reload cannot change;
+    ``number_ok`` a string setting that also takes a JSON number (``2`` as
+    well as ``"2"`` or ``"auto"``).
     """
     meta = {"help": help, "min": min, "max": max, "choices": choices, "cli": cli,
-            "restart": restart}
+            "restart": restart, "number_ok": number_ok}
     if factory is not None:
         return field(factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -65,7 +68,7 @@ class ServerConfig:
                         help="plain HTTP listening port (0 picks a free one)")
     ssl_port: int = setting(8443, min=0, max=65535, cli="--ssl-port", restart=True,
                             help="HTTPS listening port, used when ssl.enabled")
-    workers: str = setting("1", cli="--workers", restart=True,
+    workers: str = setting("1", cli="--workers", restart=True, number_ok=True,
                            help="gateway processes sharing the listening sockets: a number, "
                                 "or auto (one per CPU)")
     threads: int = setting(1, min=1, max=256, cli="--threads", restart=True,
@@ -428,6 +431,8 @@ def _coerce(key: str, f: attrs.Attribute, raw: Raw) -> Any:
         if v != v or v in (float("inf"), float("-inf")):
             raise bad("expected a finite number")
     elif typ is str:
+        if meta.get("number_ok") and isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
         if not isinstance(v, str):
             raise bad("expected a string")
     elif typ == List[int]:

@@ -159,7 +159,8 @@ def build_supervisor(config: cfgmod.Config, reactor: Any, count: int, args: List
                      daemon_log: Optional[str] = None) -> MultiService:
     """``server.workers`` > 1: this process binds the sockets, serves the
     admin listener and supervises ``count`` worker processes."""
-    from ntonix.workers.supervisor import Supervisor, SupervisorRouter
+    from ntonix.workers.admin import SupervisorRouter
+    from ntonix.workers.supervisor import Supervisor
     top = GatewayService(make_observer(config.logging, daemon_log=daemon_log, reactor=reactor))
     for line in config.warnings:
         log.warn("configuration warning: {warning}", warning=line)

@@ -27,22 +27,17 @@ import socket
 import sys
 from typing import Any, Dict, List, Optional
 
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ntonix.workers.channel import Channel
+from ntonix.workers.merge import merge_expositions
 
 log = Logger(namespace="ntonix.workers")
 
 LISTEN_BACKLOG = 1024
-# Gauges whose meaning across workers is the largest, not the sum.
-# (Every worker reports the same backends: their state is not additive.)
-MAX_GAUGES = frozenset({"ntonix_uptime_seconds", "ntonix_build_info", "ntonix_redis_up",
-                        "ntonix_backend_circuit_state", "ntonix_backend_latency_avg_seconds",
-                        "ntonix_backend_loading", "ntonix_backend_prefix_blocks"})
 
 
 def worker_count(value: str) -> int:
@@ -335,144 +330,3 @@ class Supervisor(Service):
         return [{"index": i, "pid": p.pid, "alive": p.alive,
                  "uptime_seconds": round(now - p.started_at, 3),
                  "restarts": self.restarts.get(i, 0)} for i, p in sorted(self.workers.items())]
-
-
-def merge_expositions(texts: List[str], retired: Optional[List[str]] = None) -> str:
-    """One Prometheus text page from the workers' pages: counters,
-    histograms and most gauges summed per series; state-like gauges the
-    largest. ``retired``: the last pages of workers that were replaced,
-    whose counters and histograms still count (so totals never go down)."""
-    families: Dict[str, Dict[str, Any]] = {}
-    pages = [(t, False) for t in texts] + [(t, True) for t in retired or ()]
-    for text, old_worker in pages:
-        for fam in text_string_to_metric_families(text):
-            if old_worker and fam.type not in ("counter", "histogram"):
-                continue
-            f = families.setdefault(fam.name, {"type": fam.type, "help": fam.documentation,
-                                               "samples": {}})
-            for sm in fam.samples:
-                key = (sm.name, tuple(sorted(sm.labels.items())))
-                old = f["samples"].get(key)
-                if old is None:
-                    f["samples"][key] = sm.value
-                elif fam.name in MAX_GAUGES:
-                    f["samples"][key] = max(old, sm.value)
-                else:
-                    f["samples"][key] = old + sm.value
-    lines = []
-    for name, f in families.items():
-        shown = name + "_total" if f["type"] == "counter" else name
-        lines.append(f"# HELP {shown} {_escape_help(f['help'])}")
-        lines.append(f"# TYPE {shown} {f['type']}")
-        for (sample, labels), value in f["samples"].items():
-            label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            lines.append(f"{sample}{{{label_text}}} {_number(value)}" if labels
-                         else f"{sample} {_number(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if value == int(value) and abs(value) < 2 ** 53:
-        return f"{int(value)}.0"
-    return repr(value)
-
-
-class SupervisorRouter:
-    """The admin listener of a supervisor: the workers' figures, together."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-
-    def handle(self, request: Any) -> None:
-        from ntonix.http.errors import send_error, send_json_body
-        from ntonix.http.routes import send_json
-
-        sup = self.supervisor
-        path = request.path
-        if request.method not in (b"GET", b"HEAD"):
-            return send_error(request, 405, "only GET here", "method_not_allowed")
-
-        def answer(d: "defer.Deferred[Any]", render: Any) -> None:
-            def done(result: Any) -> None:
-                if not request.disconnected and not request.finished:
-                    render(result)
-            d.addCallback(done)
-            d.addErrback(lambda f: (log.failure("admin request {path}", f, path=path),
-                                    None if request.finished or request.disconnected else
-                                    send_error(request, 500, "internal gateway error",
-                                               "internal_error")))
-
-        if path == b"/metrics/prometheus" or (path == b"/metrics" and b"text/plain" in (
-                request.getHeader(b"accept") or b"")):
-            def page(replies: List[Any]) -> None:
-                live = [p for _, p in sorted(sup.workers.items()) if p.alive]
-                for p, r in zip(live, replies):
-                    if r:
-                        sup.last_metrics[p.index] = r["text"]
-                # A worker slow to answer counts with its last page.
-                texts = [sup.last_metrics[p.index] for p in live if p.index in sup.last_metrics]
-                text = merge_expositions(texts, sup.retired_metrics)
-                text += ("# HELP ntonix_workers Worker processes running\n"
-                         "# TYPE ntonix_workers gauge\n"
-                         f"ntonix_workers {sum(1 for p in sup.workers.values() if p.alive)}.0\n")
-                request.setResponseCode(200)
-                request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
-                body = text.encode()
-                request.setHeader(b"Content-Length", b"%d" % len(body))
-                request.write(body)
-                request.finish()
-            return answer(sup.ask_all("metrics"), page)
-        if path == b"/readyz":
-            path = b"/health"
-        if path in (b"/metrics", b"/cache/stats", b"/admission", b"/health"):
-            def status(replies: List[Any]) -> None:
-                alive = [r for r in replies if r]
-                if path == b"/metrics":
-                    send_json(request, summed_metrics([r["metrics"] for r in alive], sup))
-                elif path == b"/cache/stats":
-                    send_json(request, {"workers": [r["cache"] for r in alive]})
-                elif path == b"/admission":
-                    send_json(request, {"workers": [r["admission"] for r in alive]})
-                else:
-                    # As one gateway: ready while some worker can send a
-                    # request to some backend and is not draining.
-                    ok = any(r.get("backends_available") and not r["draining"] for r in alive)
-                    send_json(request, {"status": "healthy" if ok else "unhealthy",
-                                        "workers": sup.as_json()}, 200 if ok else 503)
-            return answer(sup.ask_all("status"), status)
-        if path == b"/livez":
-            return send_json(request, {"status": "alive", "workers": sup.as_json()})
-        if path == b"/workers":
-            return send_json(request, {"workers": sup.as_json()})
-        if path == b"/backends":
-            first = sup.workers.get(0)
-            if first is None or not first.alive:
-                return send_error(request, 503, "worker 0 (the health checks) is not running",
-                                  "no_worker")
-            return answer(first.channel.call("backends", 5.0, sup.reactor),
-                          lambda r: send_json_body(request, 200, r["body"].encode()))
-        send_error(request, 404, f"no route {path.decode('latin-1')} on the supervisor's "
-                   "admin listener", "not_found")
-
-
-def summed_metrics(docs: List[Dict[str, Any]], sup: Supervisor) -> Dict[str, Any]:
-    """The JSON /metrics of one gateway, summed over the workers."""
-    out: Dict[str, Any] = {}
-    for key in ("requests_total", "requests_active", "requests_success", "requests_error",
-                "cache_hits", "cache_misses", "connections_active", "connections_total",
-                "memory_cache_bytes", "process_resident_memory_bytes"):
-        out[key] = sum(d.get(key, 0) for d in docs)
-    looked = out["cache_hits"] + out["cache_misses"]
-    out["cache_hit_rate"] = round(out["cache_hits"] / looked, 4) if looked else 0.0
-    out["uptime_seconds"] = max((d.get("uptime_seconds", 0) for d in docs), default=0)
-    out["backends"] = docs[0].get("backends", []) if docs else []
-    out["workers"] = sup.as_json()
-    return out

@@ -112,6 +112,10 @@ def problems(layer=None, env=None, path=None):
     ({"ssl": {"enabled": True}}, "ssl.enabled = true (config file {p}): needs ssl.cert_file"),
     ({"server": {"workers": "many"}},
      'server.workers = "many" (config file {p}): a number from 1 to 256, or auto'),
+    ({"server": {"workers": 0}},
+     'server.workers = "0" (config file {p}): a number from 1 to 256, or auto'),
+    ({"server": {"workers": 2.5}}, "server.workers = 2.5 (config file {p}): expected a string"),
+    ({"server": {"workers": True}}, "server.workers = true (config file {p}): expected a string"),
     ({"ssl": {"cert_file": "c.pem"}}, 'ssl.cert_file = "c.pem" (config file {p}): needs ssl.key_file'),
     ({"ssl": {"sni": {"a.test": {"cert_file": "c"}}}}, "ssl.sni.a.test = "),
 ])
@@ -243,3 +247,11 @@ def test_shipped_config_files_are_valid():
     for name in ("ntonix.json", "docker-ntonix.json"):
         cfg = c.load({}, {}, str(root / name))
         assert cfg.backends, name
+
+
+@pytest.mark.parametrize("value, expected", [(2, "2"), ("2", "2"), ("auto", "auto"),
+                                             (" AUTO ", " AUTO ")])
+def test_workers_takes_a_json_number_a_numeric_string_or_auto(tmp_path, value, expected):
+    path = write(tmp_path, {"server": {"workers": value}})
+    cfg = c.load({}, {}, str(path))
+    assert cfg.server.workers == expected
