@@ -33,6 +33,9 @@ class WorkerContext:
     https_fd: Optional[int] = None
     family: int = socket.AF_INET
     channel: Any = None  # to the supervisor, once open
+    # What the supervisor may ask this worker beyond the built-in ops:
+    # op -> handler(message) -> reply (the fleet's modules add theirs).
+    handlers: Dict[str, Any] = attrs.Factory(dict)
 
     def reload_all(self) -> bool:
         """The console's reload(): every worker, through the supervisor."""
@@ -169,6 +172,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if op == "reload":
             ok = reload_service.reload() if reload_service is not None else False
             return {"ok": bool(ok)}
+        extra = ctx.handlers.get(op)
+        if extra is not None:
+            return extra(msg)
         raise ValueError(f"unknown op {op!r}")
 
     channel = Channel(handle)

@@ -25,7 +25,7 @@ import re
 import signal
 import socket
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
@@ -102,7 +102,7 @@ class WorkerProcess(protocol.ProcessProtocol):
     def __init__(self, supervisor: "Supervisor", index: int) -> None:
         self.supervisor = supervisor
         self.index = index
-        self.channel = Channel(supervisor.from_worker)
+        self.channel = Channel(lambda msg: supervisor.from_worker(self, msg))
         self.started_at = supervisor.reactor.seconds()
         self.pid: Optional[int] = None
         self.ended: defer.Deferred = defer.Deferred()
@@ -148,6 +148,11 @@ class Supervisor(Service):
         self.sync_loop: Optional[LoopingCall] = None
         self._previous_hup: Any = None
         self._stop_requested = False
+        # What workers may ask: op -> handler(worker, message) -> reply
+        # (the fleet's modules add theirs), and who hears of a worker's end.
+        self.handlers: Dict[str, Callable[[WorkerProcess, Dict[str, Any]], Any]] = {
+            "reload_all": self._reload_all}
+        self.on_worker_ended: List[Callable[[WorkerProcess], None]] = []
         # The latest metrics page of each worker, and those of replaced ones.
         self.last_metrics: Dict[int, str] = {}
         self.retired_metrics: List[str] = []
@@ -213,6 +218,11 @@ class Supervisor(Service):
         log.info("worker {index} started (pid {pid})", index=index, pid=proc.pid)
 
     def ended(self, proc: WorkerProcess, why: Any) -> None:
+        for listener in list(self.on_worker_ended):
+            try:
+                listener(proc)
+            except Exception:
+                log.failure("after worker {index} ended", index=proc.index)
         last = self.last_metrics.pop(proc.index, None)
         if last is not None:
             self.retired_metrics.append(last)
@@ -255,12 +265,19 @@ class Supervisor(Service):
         d.addErrback(lambda f: log.debug("fleet sync: {why}", why=f.getErrorMessage()))
         return d
 
-    def from_worker(self, msg: Dict[str, Any]) -> Any:
-        """A worker's request: the console (in worker 0) reloads every worker."""
-        if msg.get("op") == "reload_all":
-            self.reload()
-            return None
-        raise ValueError(f"unknown op {msg.get('op')!r}")
+    def from_worker(self, proc: WorkerProcess, msg: Dict[str, Any]) -> Any:
+        """A worker's message, to the handler registered for its op."""
+        handler = self.handlers.get(msg.get("op"))  # type: ignore[arg-type]
+        if handler is None:
+            raise ValueError(f"unknown op {msg.get('op')!r}")
+        return handler(proc, msg)
+
+    def _reload_all(self, proc: WorkerProcess, msg: Dict[str, Any]) -> None:
+        """The console (in worker 0) reloads every worker."""
+        self.reload()
+
+    def live_workers(self) -> List[WorkerProcess]:
+        return [p for _, p in sorted(self.workers.items()) if p.alive]
 
     def reload(self) -> "defer.Deferred[Any]":
         log.info("SIGHUP: reloading every worker")
