@@ -18,7 +18,8 @@ from ntonix.observe.metrics import Metrics
 from ntonix.routing.admission import Admission
 from ntonix.routing.backend import Backend
 from ntonix.routing.balancer import make_balancer
-from ntonix.routing.breaker import CLOSED, OPEN, CircuitBreaker
+from ntonix.routing.breaker import OPEN, CircuitBreaker
+from ntonix.routing.fleet import Fleet
 from ntonix.routing.prefix import block_hashes, render_prompt
 from ntonix.routing.scorer import RouteContext
 from ntonix.upstream.client import UpstreamClient
@@ -31,7 +32,8 @@ class Gateway:
         self.config = config
         self.reactor = reactor
         self.started_at = reactor.seconds()
-        self.backends: List[Backend] = []
+        # The backends and the per-request questions about them.
+        self.fleet = Fleet(lambda: self.config, reactor)
         # Backends that exist only at run time (the demo's mocks): kept
         # across reloads, which only know the configured ones.
         self.runtime_backends: List[BackendConfig] = []
@@ -47,8 +49,9 @@ class Gateway:
             ca_file=config.proxy.ca_file,
         )
         self.cache = ResponseCache(config.cache, reactor)
-        self.admission = Admission(self)
+        self.admission = Admission(self.fleet, reactor)
         self.metrics = Metrics(self)
+        self.admission.on_wait = self.metrics.observe_queue_wait
         self.cache.on_saved = self.metrics.tokens_saved
         self.active_relays = 0
         # Deferreds waiting for the end of the drain delay; None once it ended.
@@ -57,12 +60,6 @@ class Gateway:
         # Every exchange in progress: its response and stream-idle deadlines.
         self.deadlines = DeadlineSweep(reactor, 0.05)
         self.draining = False
-        # Models that are LoRA adapters on some backend (from /v1/models).
-        self.adapters: frozenset = frozenset()
-        # Facts about the backends that per-request code asks: does any know
-        # its models, does any have a concurrency limit (kept, not scanned).
-        self.models_known = False
-        self.limited = False
         # Called after the backend list changes (the health checker listens).
         self.on_backends_changed: List[Callable[[], None]] = []
         self._set_backends(config.backends)
@@ -72,6 +69,31 @@ class Gateway:
         # Twisted's Logger builds the whole event before a filter drops it:
         # at ``warn`` and above, do not build access events at all.
         return self.config.logging.level in ("trace", "debug", "info")
+
+    # The fleet's list and facts, under the names the rest of the code uses.
+    @property
+    def backends(self) -> List[Backend]:
+        return self.fleet.backends
+
+    @backends.setter
+    def backends(self, value: List[Backend]) -> None:
+        self.fleet.backends = value
+
+    @property
+    def limited(self) -> bool:
+        return self.fleet.limited
+
+    @limited.setter
+    def limited(self, value: bool) -> None:
+        self.fleet.limited = value
+
+    @property
+    def models_known(self) -> bool:
+        return self.fleet.models_known
+
+    @property
+    def adapters(self) -> frozenset:
+        return self.fleet.adapters
 
     def uptime(self) -> float:
         return self.reactor.seconds() - self.started_at
@@ -144,8 +166,7 @@ class Gateway:
         self._backends_changed()
 
     def _backends_changed(self) -> None:
-        self.models_known = any(b.models_known for b in self.backends)
-        self.limited = any(b.max_concurrency for b in self.backends)
+        self.fleet.changed()
         for listener in list(self.on_backends_changed):
             listener()
 
@@ -165,47 +186,24 @@ class Gateway:
             self._backends_changed()
 
     def find(self, name: str) -> Optional[Backend]:
-        return next((b for b in self.backends if b.name == name), None)
+        return self.fleet.find(name)
 
     def pick_backend(self, exclude: Iterable[Backend] = (), model: Optional[str] = None,
                      ctx: Any = None) -> Optional[Backend]:
-        b = self.balancer.pick(self.candidates(exclude, model), None, ctx)
+        b = self.balancer.pick(self.fleet.candidates(exclude, model), None, ctx)
         if b is not None and not b.breaker.acquire():
             return None  # cannot happen on one thread: available() was just checked
         return b
 
     def candidates(self, exclude: Iterable[Backend] = (),
                    model: Optional[str] = None) -> List[Backend]:
-        """The backends that may take a request for ``model`` now. One
-        plain loop: at a hundred backends this is most of a pick's cost."""
-        skip = exclude if isinstance(exclude, (set, frozenset, dict)) else set(exclude)
-        out = []
-        for b in self.backends:
-            if b.draining or b.loading:
-                continue
-            br = b.breaker
-            if br.state != CLOSED and not br.available():
-                continue
-            if skip and b in skip:
-                continue
-            if model is not None and (b.models or b.reported is not None) \
-                    and not b.serves(model):
-                continue
-            out.append(b)
-        return out
+        return self.fleet.candidates(exclude, model)
 
     def any_available(self, exclude: Iterable[Backend] = (), model: Optional[str] = None) -> bool:
-        skip = set(exclude)
-        return any(b.available and b not in skip and (model is None or b.serves(model))
-                   for b in self.backends)
+        return self.fleet.any_available(exclude, model)
 
     def unserved(self, model: str) -> bool:
-        """No backend serves ``model``, as far as is known: every backend's
-        list is known (configured or reported) and none names it."""
-        if not self.models_known:
-            return False
-        live = [b for b in self.backends if not b.removed]
-        return bool(live) and all(b.models_known and not b.serves(model) for b in live)
+        return self.fleet.unserved(model)
 
     def route_context(self, route: str, doc: Any, stream: bool) -> Optional[RouteContext]:
         """The inference scorer's view of a generation request (None for
@@ -222,10 +220,7 @@ class Gateway:
 
     def models_changed(self) -> None:
         """A backend's reported list changed: recompute the adapters."""
-        self.models_known = any(b.models_known for b in self.backends)
-        self.adapters = frozenset(
-            m for b in self.backends for m, entry in (b.reported or {}).items()
-            if isinstance(entry, dict) and entry.get("parent"))
+        self.fleet.models_changed()
 
     # -- reconfiguration
     def apply_config(self, new: Config) -> List[str]:

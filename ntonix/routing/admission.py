@@ -25,7 +25,7 @@ credential (never the credential itself), or ``anonymous``.
 
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import attrs
 import xxhash
@@ -34,8 +34,7 @@ from twisted.logger import Logger
 from ntonix.config import PRIORITIES
 
 if TYPE_CHECKING:
-    from ntonix.gateway import Gateway
-    from ntonix.routing.backend import Backend
+    from ntonix.routing.fleet import Fleet
 
 log = Logger(namespace="ntonix.routing.admission")
 
@@ -153,8 +152,21 @@ class ClassQueue:
 
 
 class Admission:
-    def __init__(self, gateway: "Gateway") -> None:
-        self.gateway = gateway
+    """The queue in front of the fleet.
+
+    ``fleet`` answers which backends have room for a request (``room``),
+    whether requests may wait at all (``may_wait``), the settings in force
+    and tenants' weights: the gateway's own ``Fleet``, or the slot broker's
+    view of the whole gateway when it runs as several workers. ``remote``,
+    when set, takes every request that may wait: the workers' shared queue.
+    """
+
+    def __init__(self, fleet: "Fleet", clock: Any) -> None:
+        self.fleet = fleet
+        self.clock = clock
+        self.remote: Any = None
+        # Told how long each admitted request waited (the metrics).
+        self.on_wait: Callable[[str, float], None] = lambda priority, seconds: None
         self.queues: Dict[str, ClassQueue] = {p: ClassQueue() for p in PRIORITIES}
         self.finished: Deque[float] = deque(maxlen=RATE_SAMPLES)
         self.tracked: Dict[str, None] = {}
@@ -173,59 +185,40 @@ class Admission:
         return self.waiting
 
     def tenant_of(self, raw_tenant: Optional[bytes]) -> str:
-        return tenant_id(raw_tenant, bool(self.gateway.config.tenants.header))
+        return tenant_id(raw_tenant, bool(self.fleet.tenant_settings.header))
 
     def priority_of(self, raw_tenant: Optional[bytes]) -> str:
-        t = self.gateway.config.tenants
+        t = self.fleet.tenant_settings
         if not t.classes:
             return t.default_priority  # no tenant named: no hash to compute
         cls = t.classes.get(tenant_id(raw_tenant, bool(t.header)))
         return cls.get("priority", t.default_priority) if cls else t.default_priority
 
     def weight_of(self, tenant: str) -> float:
-        cls = self.gateway.config.tenants.classes.get(tenant)
-        return float(cls.get("weight", 1)) if cls else 1.0
+        return self.fleet.weight_of(tenant)
 
     def label(self, tenant: str) -> str:
         """A bounded metrics label: the first ``tenants.max_tracked``
         tenants seen have their own, the rest share ``other``."""
         if tenant in self.tracked:
             return tenant
-        if len(self.tracked) < self.gateway.config.tenants.max_tracked:
+        if len(self.tracked) < self.fleet.tenant_settings.max_tracked:
             self.tracked[tenant] = None
             return tenant
         return OTHER
 
     # -- room
-    def room(self, exchange: Any) -> List["Backend"]:
+    def room(self, exchange: Any) -> List[Any]:
         """Candidates for ``exchange`` with room; raises LookupError when it
         has no candidate at all (every backend down or not serving it)."""
-        gw = self.gateway
-        cands = gw.candidates(exchange.tried, exchange.model)
-        if not cands and exchange.tried:
-            # A single backend: a stale pooled connection is the usual cause
-            # of a connect-level failure, so the same backend may take it.
-            cands = gw.candidates((), exchange.model) if exchange.same_backend_ok else []
-        if not cands:
-            raise LookupError
-        limit = gw.config.balancer.backend_queue_limit
-        if not limit and not gw.limited:
-            return cands  # no backend has a limit: all have room
-        fresh_after = gw.reactor.seconds() - 3 * gw.config.balancer.scrape_interval_seconds
-        out = []
-        for b in cands:
-            cap = b.max_concurrency
-            if cap and b.in_flight >= cap:
-                continue
-            if limit and b.load is not None and b.load.at >= fresh_after \
-                    and b.load.waiting > limit:
-                continue
-            out.append(b)
-        return out
+        return self.fleet.room(exchange)
 
     # -- the request's side
     def admit(self, exchange: Any) -> None:
         """Send ``exchange`` now, or queue it, or refuse it."""
+        if self.remote is not None and self.fleet.may_wait:
+            self.remote.acquire(exchange)
+            return
         try:
             room = self.room(exchange)
         except LookupError:
@@ -242,8 +235,8 @@ class Admission:
         self.pump()
 
     def _enqueue(self, exchange: Any, refuse: bool = True) -> None:
-        bal = self.gateway.config.balancer
-        now = self.gateway.reactor.seconds()
+        bal = self.fleet.balancer_settings
+        now = self.clock.seconds()
         priority = exchange.priority
         tenant = exchange.tenant
         total = self.total if refuse else 0
@@ -293,8 +286,11 @@ class Admission:
                 worst, worst_share = waiting[-1], share
         return worst
 
-    def leave(self, w: Waiter) -> None:
+    def leave(self, w: Any) -> None:
         """The client went away, or the wait ran out: out of the queue now."""
+        if not isinstance(w, Waiter):
+            self.remote.leave(w)  # waiting in the workers' shared queue
+            return
         if not w.done:
             w.done = True
             self.queues[w.priority].remove(w)
@@ -302,13 +298,16 @@ class Admission:
 
     def timed_out(self, exchange: Any) -> None:
         w = exchange.waiter
+        if not isinstance(w, Waiter):
+            self.remote.timed_out(exchange)
+            return
         self.leave(w)
         self._refuse(exchange, w.tenant, w.priority, QUEUE_TIMEOUT)
 
     def _refuse(self, exchange: Any, tenant: str, priority: str, reason: str) -> None:
         key = (priority, self.label(tenant), reason)
         self.refused[key] = self.refused.get(key, 0) + 1
-        bal = self.gateway.config.balancer
+        bal = self.fleet.balancer_settings
         if reason == QUEUE_TIMEOUT:
             why = (f"the fleet is saturated: no backend had room within "
                    f"{bal.queue_timeout_seconds:g}s (balancer.queue_timeout_seconds)")
@@ -322,9 +321,9 @@ class Admission:
     # -- the fleet's side
     def released(self) -> None:
         """A request to some backend ended: a slot may be free."""
-        if self.gateway.limited:
+        if self.fleet.limited:
             # The drain rate matters only where requests can wait.
-            self.finished.append(self.gateway.reactor.seconds())
+            self.finished.append(self.clock.seconds())
         if self.waiting:
             self.pump()
 
@@ -346,10 +345,10 @@ class Admission:
             ex = w.exchange
             ex.waiter = None
             ex.deadline_at = None
-            waited = self.gateway.reactor.seconds() - w.queued_at
+            waited = self.clock.seconds() - w.queued_at
             if ex.info is not None:
                 ex.info.queue_seconds = waited
-            self.gateway.metrics.observe_queue_wait(w.priority, waited)
+            self.on_wait(w.priority, waited)
             self.admitted[w.priority] += 1
             try:
                 ex.send(self.room(ex))
@@ -374,7 +373,7 @@ class Admission:
         """While requests wait, look again now and then: a backend that
         recovers or whose queue drains frees room without any release."""
         if self._pump_call is None or not self._pump_call.active():
-            self._pump_call = self.gateway.reactor.callLater(0.1, self._tick)
+            self._pump_call = self.clock.callLater(0.1, self._tick)
 
     def _tick(self) -> None:
         self._pump_call = None
@@ -387,7 +386,7 @@ class Admission:
 
     def drain_rate(self) -> Optional[float]:
         """Requests the fleet finished per second, lately."""
-        now = self.gateway.reactor.seconds()
+        now = self.clock.seconds()
         while self.finished and self.finished[0] < now - RATE_WINDOW:
             self.finished.popleft()
         if len(self.finished) < 2:
@@ -400,7 +399,7 @@ class Admission:
         recent drain rate, between 1 and 60."""
         rate = self.drain_rate()
         if rate is None:
-            return max(1, min(60, math.ceil(self.gateway.config.balancer.queue_timeout_seconds)))
+            return max(1, min(60, math.ceil(self.fleet.balancer_settings.queue_timeout_seconds)))
         return max(1, min(60, math.ceil((self.total + 1) / rate)))
 
     def close(self) -> None:
@@ -408,8 +407,8 @@ class Admission:
             self._pump_call.cancel()
 
     def as_json(self) -> Dict[str, Any]:
-        now = self.gateway.reactor.seconds()
-        bal = self.gateway.config.balancer
+        now = self.clock.seconds()
+        bal = self.fleet.balancer_settings
         tenants = []
         for p in PRIORITIES:
             for tenant, q in self.queues[p].tenants.items():
@@ -427,7 +426,5 @@ class Admission:
             "admitted": dict(self.admitted),
             "refused": [{"priority": p, "tenant": t, "reason": r, "count": n}
                         for (p, t, r), n in sorted(self.refused.items())],
-            "backends": [{"name": b.name, "in_flight": b.in_flight,
-                          "max_concurrency": b.max_concurrency or None}
-                         for b in self.gateway.backends],
+            "backends": self.fleet.slots_json(),
         }
