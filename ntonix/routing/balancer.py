@@ -41,6 +41,12 @@ class SmoothWeightedRoundRobin:
     def forget(self, backend: Backend) -> None:
         self._current.pop(backend, None)
 
+    def rank(self, candidates: List[Backend], ctx: Any = None) -> List[Backend]:
+        """Preference order for a slot asked of the workers' broker: this
+        turn's pick, then the rest. (Picking the granted one again alone
+        leaves the rotation as it was.)"""
+        return by_load(candidates, self.pick(candidates))
+
 
 class LeastOutstanding:
     """Power of two choices on in-flight requests, weights respected.
@@ -68,6 +74,16 @@ class LeastOutstanding:
 
     def forget(self, backend: Backend) -> None:
         pass
+
+    def rank(self, candidates: List[Backend], ctx: Any = None) -> List[Backend]:
+        return by_load(candidates, self.pick(candidates))
+
+
+def by_load(candidates: List[Backend], first: Optional[Backend]) -> List[Backend]:
+    """``first``, then the others from the least loaded per unit of weight."""
+    rest = sorted((b for b in candidates if b is not first),
+                  key=lambda b: (b.in_flight + 1) / b.weight)
+    return [first, *rest] if first is not None else rest
 
 
 def make_balancer(algorithm: str, rng: Optional[random.Random] = None, config: Any = None,

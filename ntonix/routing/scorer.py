@@ -81,9 +81,20 @@ class InferenceScorer:
     def forget(self, backend: Backend) -> None:
         self.index.forget(backend)
 
+    def rank(self, candidates: List[Backend],
+             ctx: Optional[RouteContext] = None) -> List[Backend]:
+        """``candidates`` in the order this request would prefer them, for a
+        slot asked of the workers' broker: the pick first (not recorded: the
+        request may get another), then the least loaded. The one granted is
+        then picked for real, alone."""
+        best = self.pick(candidates, None, ctx, commit=False)
+        rest = sorted((b for b in candidates if b is not best),
+                      key=lambda b: (b.in_flight + 1) / b.weight)
+        return [best, *rest] if best is not None else rest
+
     def pick(self, candidates: Iterable[Backend],
              allowed: Optional[Callable[[Backend], bool]] = None,
-             ctx: Optional[RouteContext] = None) -> Optional[Backend]:
+             ctx: Optional[RouteContext] = None, commit: bool = True) -> Optional[Backend]:
         pool = candidates if allowed is None and isinstance(candidates, list) \
             else [b for b in candidates if allowed is None or allowed(b)]
         if not pool:
@@ -140,7 +151,8 @@ class InferenceScorer:
                 if tie < best_tie:
                     best, best_tie = b, tie
         assert best is not None
-        self._chose(best, ctx, matches.get(best, 0))
+        if commit:
+            self._chose(best, ctx, matches.get(best, 0))
         return best
 
     def _tie_key(self, b: Any, ctx: RouteContext, matches: Mapping[Any, int]) -> float:
