@@ -175,7 +175,7 @@ class Exchange:
                  "last_attempt", "committed", "sse", "status", "bytes_in", "cancelled", "done",
                  "info", "first_byte_at", "model", "route", "tenant_raw", "_tenant",
                  "priority", "waiter", "same_backend_ok", "account", "strip_usage", "tap",
-                 "json_tail")
+                 "json_tail", "remote_slot")
 
     def __init__(self, gateway: "Gateway", method: bytes, path: bytes, header_block: bytes,
                  body: bytes, request_id: bytes, stream: bool, sink: Any,
@@ -222,6 +222,8 @@ class Exchange:
             else tenants.default_priority
         self.waiter: Any = None  # while it waits in the admission queue
         self.same_backend_ok = False
+        # The attempt holds a slot of the workers' broker (given back when it ends).
+        self.remote_slot = False
         # Token accounting (generation routes): usage read from the answer;
         # with strip_usage the gateway asked for a stream's usage chunk the
         # client did not ask for, and takes it out again.
@@ -312,6 +314,9 @@ class Exchange:
         if b is None:
             return
         b.in_flight -= 1
+        if self.remote_slot:
+            self.remote_slot = False
+            self.gateway.admission.remote.release(b)
         now = self.gateway.reactor.seconds()
         elapsed = now - self.attempt_started
         route = self.route
