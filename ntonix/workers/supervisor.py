@@ -32,6 +32,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ntonix.workers.broker import SlotBroker
 from ntonix.workers.channel import Channel
 from ntonix.workers.merge import merge_expositions
 
@@ -153,6 +154,13 @@ class Supervisor(Service):
         self.handlers: Dict[str, Callable[[WorkerProcess, Dict[str, Any]], Any]] = {
             "reload_all": self._reload_all}
         self.on_worker_ended: List[Callable[[WorkerProcess], None]] = []
+        # Backend limits and the admission queue, exact across the workers.
+        self.broker = SlotBroker(lambda: self.config, reactor, self.tell_worker)
+        self.handlers.update({
+            "slot_acquire": lambda proc, msg: self.broker.acquire(proc.index, msg),
+            "slot_release": lambda proc, msg: self.broker.release(proc.index, msg),
+            "slot_cancel": lambda proc, msg: self.broker.cancel(proc.index, msg)})
+        self.on_worker_ended.append(lambda proc: self.broker.worker_ended(proc.index))
         # The latest metrics page of each worker, and those of replaced ones.
         self.last_metrics: Dict[int, str] = {}
         self.retired_metrics: List[str] = []
@@ -257,6 +265,7 @@ class Supervisor(Service):
         def spread(reply: Dict[str, Any]) -> None:
             if reply.get("uptime", 0) < self.config.health.interval_seconds:
                 return  # a new worker 0 has not checked anything yet
+            self.broker.set_queue_over(queue_over(reply["fleet"], self.config.balancer))
             for i, proc in self.workers.items():
                 if i != 0 and proc.alive:
                     proc.channel.tell("apply_fleet", fleet=reply["fleet"])
@@ -275,6 +284,11 @@ class Supervisor(Service):
     def _reload_all(self, proc: WorkerProcess, msg: Dict[str, Any]) -> None:
         """The console (in worker 0) reloads every worker."""
         self.reload()
+
+    def tell_worker(self, index: int, msg: Dict[str, Any]) -> None:
+        proc = self.workers.get(index)
+        if proc is not None and proc.alive:
+            proc.channel.send(msg)
 
     def live_workers(self) -> List[WorkerProcess]:
         return [p for _, p in sorted(self.workers.items()) if p.alive]
@@ -305,6 +319,7 @@ class Supervisor(Service):
     def stopService(self) -> "defer.Deferred[None]":
         super().stopService()
         self.stopping = True
+        self.broker.close()
         if self.sync_loop is not None and self.sync_loop.running:
             self.sync_loop.stop()
         try:
@@ -347,3 +362,14 @@ class Supervisor(Service):
         return [{"index": i, "pid": p.pid, "alive": p.alive,
                  "uptime_seconds": round(now - p.started_at, 3),
                  "restarts": self.restarts.get(i, 0)} for i, p in sorted(self.workers.items())]
+
+
+def queue_over(fleet: List[Dict[str, Any]], balancer: Any) -> List[str]:
+    """The backends whose fresh metrics report a queue over
+    ``balancer.backend_queue_limit`` (none when it is 0)."""
+    limit = balancer.backend_queue_limit
+    if not limit:
+        return []
+    fresh = 3 * balancer.scrape_interval_seconds
+    return [b["name"] for b in fleet
+            if b.get("load") and b["load"]["age"] <= fresh and b["load"]["waiting"] > limit]
