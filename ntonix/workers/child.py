@@ -20,6 +20,7 @@ from twisted.internet import stdio
 from twisted.logger import Logger, globalLogBeginner
 
 from ntonix.workers.channel import Channel
+from ntonix.workers.slots import SlotClient
 
 log = Logger(namespace="ntonix.workers.child")
 
@@ -179,7 +180,16 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     channel = Channel(handle)
     ctx.channel = channel
-    channel.on_lost = lambda: reactor.callLater(0, _parent_gone, reactor)
+    # Backend limits and the queue are the supervisor's (workers/broker.py).
+    slots = SlotClient(gateway.fleet, gateway.admission, lambda: gateway.balancer,
+                       channel.tell, reactor)
+    gateway.admission.remote = slots
+    ctx.handlers.update(slots.handlers())
+
+    def lost() -> None:
+        slots.supervisor_gone()
+        reactor.callLater(0, _parent_gone, reactor)
+    channel.on_lost = lost
     stdio.StandardIO(channel, reactor=reactor)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
