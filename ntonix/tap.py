@@ -159,15 +159,18 @@ def build_supervisor(config: cfgmod.Config, reactor: Any, count: int, args: List
                      daemon_log: Optional[str] = None) -> MultiService:
     """``server.workers`` > 1: this process binds the sockets, serves the
     admin listener and supervises ``count`` worker processes."""
-    from ntonix.workers.admin import SupervisorRouter
+    from ntonix.workers.admin import GatewayViews, SupervisorRouter
     from ntonix.workers.supervisor import Supervisor
     top = GatewayService(make_observer(config.logging, daemon_log=daemon_log, reactor=reactor))
     for line in config.warnings:
         log.warn("configuration warning: {warning}", warning=line)
     sup = Supervisor(config, reactor, args, count, tls_wanted(config))
+    views = GatewayViews(sup)
+    # The workers' public port serves the same admin answers (with admin.token).
+    views.serve_workers()
     if config.admin.http_port >= 0:
         # Listening before the traffic sockets are announced, as one gateway does.
-        admin_site = GatewayServer(SupervisorRouter(sup), Limits.from_config(config.server),
+        admin_site = GatewayServer(SupervisorRouter(views), Limits.from_config(config.server),
                                    reactor)
         ListenerService(reactor, config.admin.http_port, config.admin.http_bind, admin_site,
                         "admin api").setServiceParent(top)
@@ -248,7 +251,9 @@ def build_service(config: cfgmod.Config, reactor: Any,
         raise config_exit(ConfigError([str(e)])) from None
     top.gateway = gateway
     limits = Limits.from_config(config.server)
-    site = GatewayServer(Router(gateway), limits, reactor)
+    # A worker's admin routes answer for the whole gateway, from its supervisor.
+    admin_view = worker.admin_view(reactor) if worker is not None else None
+    site = GatewayServer(Router(gateway, admin_view=admin_view), limits, reactor)
     gateway.metrics.sites.append(site)
     if config.demo.enabled:
         if worker is None or worker.index == 0:

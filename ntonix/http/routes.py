@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from ntonix._version import __version__
+from ntonix.http.admin_view import AdminView, send_answer
 from ntonix.http.errors import send_error, send_json_body
 from ntonix.http.request import Request
 from ntonix.http.validate import (
@@ -62,6 +63,16 @@ def send_json(request: Request, obj: Any, status: int = 200) -> None:
                    json.dumps(obj, indent=None, separators=(",", ":")).encode() + b"\n")
 
 
+def backends_json(gateway: "Gateway") -> Dict[str, Any]:
+    """GET /backends: the backends, their state, and the scorer's counts."""
+    doc = {"now": gateway.reactor.seconds(), "algorithm": gateway.config.balancer.algorithm,
+           "backends": [b.as_json() for b in gateway.backends]}
+    scorer = getattr(gateway.balancer, "as_json", None)
+    if scorer is not None:
+        doc["scorer"] = scorer()
+    return doc
+
+
 # The gateway's internals: served on the admin listener, and on the public
 # port only to a request bearing admin.token.
 ADMIN_PATHS = frozenset({b"/metrics", b"/metrics/prometheus", b"/backends", b"/cache/stats",
@@ -69,9 +80,11 @@ ADMIN_PATHS = frozenset({b"/metrics", b"/metrics/prometheus", b"/backends", b"/c
 
 
 class Router:
-    def __init__(self, gateway: "Gateway", admin: bool = False) -> None:
+    def __init__(self, gateway: "Gateway", admin: bool = False,
+                 admin_view: Optional[AdminView] = None) -> None:
         self.gateway = gateway
         self.admin = admin  # the admin listener's router: internals, no API
+        self.admin_view = admin_view
         self.routes: Dict[Tuple[bytes, bytes], Tuple[Handler, str]] = {
             (b"GET", b"/"): (self.root, "this list"),
             (b"GET", b"/health"): (self.health, "gateway health (readiness)"),
@@ -88,6 +101,13 @@ class Router:
         }
         for path, route in FORWARDED.items():
             self.routes[(b"POST", path)] = (self._forwarder(route), f"forwarded ({route})")
+        if admin_view is not None:
+            # One worker of several: its own figures are a part of the
+            # gateway's, so the admin routes answer with the whole (chosen
+            # here, once: a single gateway pays nothing per request).
+            for path in ADMIN_PATHS:
+                self.routes[(b"GET", path)] = (self._gateway_wide,
+                                               self.routes[(b"GET", path)][1])
 
     def handle(self, request: Request) -> None:
         request_id = sane_request_id(request.given_request_id)
@@ -197,13 +217,7 @@ class Router:
                             "uptime_seconds": round(self.gateway.uptime(), 3)})
 
     def backends(self, request: Request) -> None:
-        now = self.gateway.reactor.seconds()
-        doc = {"now": now, "algorithm": self.gateway.config.balancer.algorithm,
-               "backends": [b.as_json() for b in self.gateway.backends]}
-        scorer = getattr(self.gateway.balancer, "as_json", None)
-        if scorer is not None:
-            doc["scorer"] = scorer()
-        send_json(request, doc)
+        send_json(request, backends_json(self.gateway))
 
     def admission(self, request: Request) -> None:
         send_json(request, self.gateway.admission.as_json())
@@ -302,6 +316,23 @@ class Router:
         request.setHeader(b"Content-Length", b"%d" % len(data))
         request.write(data)
         request.finish()
+
+    def _gateway_wide(self, request: Request) -> None:
+        """The admin view's answer: the figures of every worker together."""
+        assert self.admin_view is not None
+        path = request.path
+        d = self.admin_view(path, request.getHeader(b"accept") or b"")
+
+        def failed(f: Any) -> None:
+            log.warn("no gateway-wide answer for {path}: {why}", path=path.decode("latin-1"),
+                     why=f.getErrorMessage() or f.type.__name__)
+            if not (request.finished or request.disconnected):
+                request.setHeader(b"Retry-After", b"1")
+                send_error(request, 503, "the gateway-wide figures are not available now "
+                           "(the supervisor did not answer); try again", "admin_view_unavailable")
+
+        d.addCallbacks(lambda answer: send_answer(request, answer), failed)
+        d.addErrback(lambda f: log.failure("answering {path}", f, path=path.decode("latin-1")))
 
     # -- forwarding
     def _forwarder(self, route: str) -> Handler:

@@ -10,6 +10,7 @@ supervisor relays.
 """
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -19,6 +20,8 @@ import attrs
 from twisted.internet import stdio
 from twisted.logger import Logger, globalLogBeginner
 
+from ntonix.http.routes import backends_json
+from ntonix.workers.admin import SupervisorView
 from ntonix.workers.channel import Channel
 from ntonix.workers.slots import SlotClient
 
@@ -44,6 +47,11 @@ class WorkerContext:
             return False
         self.channel.tell("reload_all")
         return True
+
+    def admin_view(self, clock: Any) -> SupervisorView:
+        """The public port's admin routes: the supervisor's gateway-wide
+        answer (this worker's own figures are only a part of it)."""
+        return SupervisorView(self, clock)
 
     def adopt(self, reactor: Any, fd: int) -> Any:
         def listen(port: int, factory: Any, interface: str = "", backlog: int = 0) -> Any:
@@ -163,10 +171,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         if op == "fleet":
             return {"fleet": fleet_of(gateway), "uptime": gateway.uptime()}
         if op == "backends":
-            import json
-            doc = {"now": reactor.seconds(), "algorithm": gateway.config.balancer.algorithm,
-                   "backends": [b.as_json() for b in gateway.backends]}
-            return {"body": json.dumps(doc)}
+            # As a single gateway's Router writes it, so both ports show the same.
+            return {"body": json.dumps(backends_json(gateway), separators=(",", ":")) + "\n"}
         if op == "apply_fleet":
             apply_fleet(gateway, msg["fleet"])
             return None

@@ -4,7 +4,8 @@ Prometheus pages are merged per series: counters, histograms and most gauges
 summed, state-like gauges (every worker reports the same backends) the
 largest. The pages of workers that were replaced still count for counters
 and histograms, so totals never go down. The JSON ``/metrics`` is summed the
-same way.
+same way; ``/cache/stats`` and ``/admission`` give the sums at the top and
+each worker's document under ``"workers"``.
 """
 
 from typing import Any, Dict, List, Optional
@@ -78,4 +79,92 @@ def summed_metrics(docs: List[Dict[str, Any]], workers: List[Dict[str, Any]]) ->
     out["uptime_seconds"] = max((d.get("uptime_seconds", 0) for d in docs), default=0)
     out["backends"] = docs[0].get("backends", []) if docs else []
     out["workers"] = workers
+    return out
+
+
+# Each worker keeps its own store: its counts and sizes add up (the
+# gateway-wide capacity is the sum of the workers' too).
+_CACHE_SUMS = ("hits", "misses", "evictions", "expired", "entries", "size_bytes",
+               "max_size_bytes", "coalesced", "bypasses", "stores", "too_large", "converted",
+               "unconvertible", "in_flight")
+_SHARED_SUMS = ("errors", "hits", "led", "followed", "takeovers")
+
+
+def merged_cache_stats(docs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The JSON /cache/stats of one gateway from its workers' documents."""
+    out: Dict[str, Any] = {"enabled": any(d.get("enabled") for d in docs)}
+    out.update(_sums(docs, _CACHE_SUMS))
+    looked = out["hits"] + out["misses"]
+    out["hit_rate"] = round(out["hits"] / looked, 4) if looked else 0.0
+    # A setting: the same in every worker.
+    out["ttl_seconds"] = docs[0].get("ttl_seconds") if docs else None
+    shared = [d["shared"] for d in docs if d.get("shared")]
+    if shared:
+        tier = _sums(shared, _SHARED_SUMS)
+        # The tier is one Redis: degraded as soon as one worker cannot reach it.
+        tier["state"] = "degraded" if any(s.get("state") == "degraded" for s in shared) \
+            else "ok"
+        out["shared"] = tier
+    out["workers"] = docs
+    return out
+
+
+def merged_admission(docs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The JSON /admission of one gateway from its workers' documents.
+
+    Counts add up (waiting, admitted, refused, each backend's requests in
+    flight); the settings shown (queue size, timeout, each backend's
+    max_concurrency) are the configured ones, which every worker applies to
+    its own queue."""
+    first = docs[0] if docs else {}
+    tenants: Dict[Any, Dict[str, Any]] = {}
+    for d in docs:
+        for t in d.get("tenants", ()):
+            key = (t["tenant"], t["priority"])
+            seen = tenants.get(key)
+            if seen is None:
+                tenants[key] = dict(t)
+            else:
+                seen["waiting"] += t["waiting"]
+                seen["oldest_wait_seconds"] = max(seen["oldest_wait_seconds"],
+                                                  t["oldest_wait_seconds"])
+    refused: Dict[Any, int] = {}
+    for d in docs:
+        for r in d.get("refused", ()):
+            key = (r["priority"], r["tenant"], r["reason"])
+            refused[key] = refused.get(key, 0) + r["count"]
+    in_flight: Dict[str, Dict[str, Any]] = {}
+    for d in docs:
+        for b in d.get("backends", ()):
+            slot = in_flight.setdefault(b["name"], dict(b, in_flight=0))
+            slot["in_flight"] += b["in_flight"]
+    rates = [d["drain_rate_per_second"] for d in docs
+             if d.get("drain_rate_per_second") is not None]
+    return {
+        "waiting": sum(d.get("waiting", 0) for d in docs),
+        "by_priority": _summed_maps(d.get("by_priority", {}) for d in docs),
+        "tenants": list(tenants.values()),
+        "queue_size": first.get("queue_size"),
+        "queue_timeout_seconds": first.get("queue_timeout_seconds"),
+        "drain_rate_per_second": round(sum(rates), 3) if rates else None,
+        # The longest any worker's queue tells its clients to wait.
+        "retry_after_seconds": max((d["retry_after_seconds"] for d in docs
+                                    if d.get("retry_after_seconds") is not None), default=None),
+        "admitted": _summed_maps(d.get("admitted", {}) for d in docs),
+        "refused": [{"priority": p, "tenant": t, "reason": r, "count": n}
+                    for (p, t, r), n in sorted(refused.items())],
+        "backends": list(in_flight.values()),
+        "workers": docs,
+    }
+
+
+def _sums(docs: List[Dict[str, Any]], keys: Any) -> Dict[str, Any]:
+    return {k: sum(d.get(k, 0) for d in docs) for k in keys}
+
+
+def _summed_maps(maps: Any) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for m in maps:
+        for k, v in m.items():
+            out[k] = out.get(k, 0) + v
     return out

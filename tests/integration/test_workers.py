@@ -1,6 +1,7 @@
 """server.workers: a supervising twistd process, worker processes adopting
 its sockets, through the real plugin."""
 
+import json
 import os
 import signal
 
@@ -176,5 +177,97 @@ async def test_health_checks_run_once_per_machine_and_every_worker_sees_a_circui
         sent_b = sum(float(line.split()[-1]) for line in text.splitlines()
                      if line.startswith("ntonix_backend_requests_total{") and b.address in line)
         assert sent_b == 0, (sent_b, errors_b)
+    finally:
+        await stop_gateway(gw)
+
+
+TOKEN = "s3cret-admin-token"
+BEARER = {b"Authorization": [f"Bearer {TOKEN}".encode()]}
+
+
+async def fetch(url, headers=None):
+    r = await within(http_client().get(url, headers=headers or {}), 10)
+    return r.code, r.headers, await within(treq.content(r), 10)
+
+
+def request_counts(page: bytes):
+    """The ntonix_requests_total series of a Prometheus page, but those of
+    the metrics route: reading the page on the public port is a request."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in page.decode().splitlines()
+            if line.startswith("ntonix_requests_total{") and 'route="metrics"' not in line}
+
+
+async def spread_chats(gw, n):
+    """``n`` chats, each on a new connection; both workers must take some."""
+    prefixes = set()
+    for i in range(n):
+        r = await chat(gw, f"wide {i}")
+        assert r.code == 200
+        prefixes.add(r.headers.getRawHeaders(b"x-request-id")[0][:8])
+    assert len(prefixes) == 2, f"one worker took every connection: {prefixes}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_public_ports_admin_routes_are_the_whole_gateways(mocks):
+    a, _ = mocks
+    n = 200
+    gw = await start_gateway(["--port", "0", "--backend", a.address,
+                              "--set", "server.workers=2", "--set", f"admin.token={TOKEN}"])
+    try:
+        await until_workers(gw, 2)
+        await spread_chats(gw, n)
+        code, headers, public = await fetch(gw.url + "/metrics/prometheus", BEARER)
+        assert code == 200 and b"ntonix_workers 2.0" in public
+        assert headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+        _, _, admin = await fetch(gw.admin_url + "/metrics/prometheus")
+        counts = request_counts(public)
+        assert counts == request_counts(admin)
+        assert sum(v for k, v in counts.items() if 'route="chat"' in k) == n, counts
+        # /metrics as a scraper asks for it: the same page.
+        _, _, scraped = await fetch(gw.url + "/metrics",
+                                    {**BEARER, b"Accept": [b"text/plain;version=0.0.4"]})
+        assert request_counts(scraped) == counts
+        # JSON: every request so far, the two metrics requests on the public
+        # port included; the admin listener's answer adds this third one.
+        code, _, body = await fetch(gw.url + "/metrics", BEARER)
+        assert code == 200 and json.loads(body)["requests_total"] == n + 2
+        _, _, body = await fetch(gw.admin_url + "/metrics")
+        assert json.loads(body)["requests_total"] == n + 3
+        for path in ("/cache/stats", "/admission"):
+            code, _, body = await fetch(gw.url + path, BEARER)
+            doc = json.loads(body)
+            assert code == 200 and len(doc["workers"]) == 2, (path, doc)
+            _, _, body = await fetch(gw.admin_url + path)
+            assert json.loads(body).keys() == doc.keys(), path
+        _, _, body = await fetch(gw.url + "/cache/stats", BEARER)
+        cache = json.loads(body)
+        assert cache["hits"] + cache["misses"] == n, cache
+        code, _, body = await fetch(gw.url + "/backends", BEARER)
+        assert code == 200 and [b["name"] for b in json.loads(body)["backends"]] == [a.address]
+        code, _, _ = await fetch(gw.url + "/metrics")
+        assert code == 401  # still the token's
+    finally:
+        await stop_gateway(gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_an_admin_listener_the_public_port_still_shows_every_worker(mocks):
+    a, _ = mocks
+    n = 200
+    gw = await start_gateway(["--port", "0", "--backend", a.address, "--set", "server.workers=2",
+                              "--set", f"admin.token={TOKEN}", "--set", "admin.http_port=-1"])
+    try:
+        assert b"admin api listening" not in gw.output
+        await spread_chats(gw, n)
+        pages = []
+        for _ in range(4):  # whichever worker takes the connection
+            code, _, page = await fetch(gw.url + "/metrics/prometheus", BEARER)
+            assert code == 200 and b"ntonix_workers 2.0" in page
+            pages.append(request_counts(page))
+        assert all(p == pages[0] for p in pages), pages
+        assert sum(v for k, v in pages[0].items() if 'route="chat"' in k) == n, pages[0]
+        code, _, body = await fetch(gw.url + "/metrics", BEARER)
+        assert code == 200 and json.loads(body)["requests_total"] == n + 4
     finally:
         await stop_gateway(gw)

@@ -41,3 +41,25 @@ def test_every_flag_is_a_setting_and_documented():
     text = (ROOT / "README.md").read_text()
     for flag, key in Options.FLAG_SETTINGS.items():
         assert key in keys and f"`--{flag}`" in text
+
+
+def test_readme_config_example_loads_with_workers_as_a_number(tmp_path):
+    """The README's example file (the JSON block with a "server" section)
+    is a configuration the gateway takes, server.workers a JSON number."""
+    import json
+
+    from ntonix.config import load
+
+    text = (ROOT / "README.md").read_text()
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, re.S)]
+    examples = [b for b in blocks if "server" in b]
+    assert examples, "no example configuration with a server section in the README"
+    for doc in examples:
+        workers = doc["server"]["workers"]
+        assert isinstance(workers, int) and not isinstance(workers, bool)
+        path = tmp_path / "example.json"
+        path.write_text(json.dumps(doc))
+        cfg = load({}, {}, str(path))
+        assert cfg.server.workers == str(workers) and cfg.backends
+    shipped = json.loads((ROOT / "config" / "ntonix.json").read_text())
+    assert isinstance(shipped["server"]["workers"], int) and "threads" not in shipped["server"]
