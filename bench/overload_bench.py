@@ -288,7 +288,7 @@ async def start_gateway(reactor: Any, args: argparse.Namespace, mix: List[Dict[s
         "--set", f"balancer.queue_size={args.queue_size}",
         "--set", f"balancer.queue_timeout_seconds={args.queue_timeout}",
         "--set", f"balancer.sheddable_queue_share={args.sheddable_share}",
-        "--set", "tenants.header=X-Tenant",
+        "--set", "tenants.header=X-Tenant", "--set", "tenants.trusted_proxies=127.0.0.1",
         "--set", f"tenants.classes={json.dumps(classes)}",
         "--set", "health.interval_seconds=1",
         "--set", "server.drain_delay_seconds=0", "--set", "server.shutdown_timeout_seconds=2",

@@ -185,7 +185,9 @@ async def setup_run(reactor: Any, args: argparse.Namespace, name: str, gateways:
                     shared: bool, work: List[Tuple[int, bool]]) -> Dict[str, Any]:
     """One way of serving the workload, on fresh processes."""
     redis = await Redis(args.redis_server).start(reactor) if shared else None
-    extra = ["--set", f"cache.redis_url={redis.url}"] if redis else []
+    # Gateways sharing a Redis share the secret that keys the cache scope.
+    extra = ["--set", f"cache.redis_url={redis.url}",
+             "--set", "server.secret=shared-cache-bench"] if redis else []
     children: List[Child] = []
     try:
         mock, mock_port, gw, port = await start_children(reactor, MOCK_ARGS, extra)

@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import attrs
 from attrs import field, frozen
 
+from ntonix.http.passthrough import DEFAULT_PASSTHROUGH, entry_problem
+
 ENV_PREFIX = "NTONIX_"
 # The inference scorer's weights: in the spirit of AIGW's defaults.
 DEFAULT_WEIGHTS = {"prefix": 2.0, "queue": 1.0, "prefill": 3.0, "lora": 1.0}
@@ -75,6 +77,13 @@ class ServerConfig:
                            help="the seed's name for server.workers (its alias)")
     bind_address: str = setting("0.0.0.0", cli="--bind", restart=True,
                                 help="address the listeners bind to")
+    secret: str = setting("", restart=True,
+                          help="key of the hashes standing for credentials (tenants, cache "
+                               "scope); every gateway sharing a Redis needs the same one "
+                               "(empty: server.secret_file, else one made at start)")
+    secret_file: str = setting("", restart=True,
+                               help="file holding server.secret when it is empty; made (mode "
+                                    "0600) with a new secret when missing")
     max_body_bytes: int = setting(10 * 1024 * 1024, min=1,
                                   restart=True, help="largest request body accepted (else 413)")
     max_headers: int = setting(100, min=1, max=10000,
@@ -184,6 +193,13 @@ class HealthConfig:
 
 @frozen
 class ProxyConfig:
+    passthrough: Tuple[str, ...] = setting(
+        DEFAULT_PASSTHROUGH,
+        help="requests beyond the gateway's own routes relayed to a backend as they are: "
+             "\"METHOD /v1/path\" entries (/v1/path alone: GET and POST; a last segment * "
+             "for anything below); management routes are not in the default")
+    expose_backend: bool = setting(True, help="name the backend that answered (X-Backend) and "
+                                              "the failing one in error messages")
     stream_usage: bool = setting(True, help="ask backends for a stream's usage chunk when the "
                                             "client did not, to count its tokens (the chunk "
                                             "is taken out before the client sees it)")
@@ -245,12 +261,20 @@ class BalancerConfig:
 
 
 PRIORITIES = ("critical", "standard", "sheddable")
+# Headers that carry credentials: never a tenant's name (it becomes a label).
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie"})
 
 
 @frozen
 class TenantsConfig:
-    header: str = setting("", help="request header naming the tenant (empty: a hash of the "
-                                   "Authorization credential)")
+    header: str = setting("", help="request header naming the tenant, believed only from "
+                                   "tenants.trusted_proxies (empty: the credential decides)")
+    trusted_proxies: Tuple[str, ...] = setting(
+        (), help="addresses or CIDRs of the proxies whose tenant header and X-Forwarded-For "
+                 "are believed (comma-separated)")
+    keys: Dict[str, Any] = setting(
+        factory=dict, help='"sha256:<hex of the API key>" -> tenant; with keys listed, every '
+                           "other credential is the tenant unlisted")
     classes: Dict[str, Any] = setting(
         factory=dict, help='tenant -> {"priority": "critical|standard|sheddable", "weight": N}')
     default_priority: str = setting("standard", choices=PRIORITIES,
@@ -274,7 +298,8 @@ class AdminConfig:
              "free one, -1 none")
     http_bind: str = setting("127.0.0.1", restart=True, help="admin HTTP listener bind address")
     token: str = setting("", help="bearer token that opens the admin routes on the public "
-                                  "port too (empty: they are only on the admin listener)")
+                                  "port, and on the admin listener when it is not bound to "
+                                  "loopback (then it is required)")
 
 
 @frozen
@@ -765,6 +790,44 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
     if header and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", header):
         errors.append(f"tenants.header = {_show(header)} ({merged['tenants.header'].source}): "
                       "not an HTTP header name")
+    elif header.lower() in CREDENTIAL_HEADERS:
+        errors.append(f"tenants.header = {_show(header)} ({merged['tenants.header'].source}): "
+                      "a credential, which would become a metrics label; the tenant is "
+                      "derived from the credential when tenants.header is empty")
+    elif header and not cfg.tenants.trusted_proxies:
+        cfg = attrs.evolve(cfg, warnings=(*cfg.warnings, (
+            f"tenants.header = {_show(header)} ({merged['tenants.header'].source}) with no "
+            "tenants.trusted_proxies: the header is ignored from every client")))
+    admin = cfg.admin
+    if admin.http_port >= 0 and not admin.token:
+        from ntonix.http.admin_auth import is_loopback
+        if not is_loopback(admin.http_bind):
+            src = merged["admin.http_bind"].source if "admin.http_bind" in merged \
+                else DEFAULT_SOURCE
+            errors.append(f"admin.http_bind = {_show(admin.http_bind)} ({src}): an admin "
+                          "listener off loopback needs admin.token (it shows tenants, "
+                          "backends and every figure; set NTONIX_ADMIN_TOKEN)")
+    for entry in cfg.proxy.passthrough:
+        why = entry_problem(entry)
+        if why:
+            errors.append(f"proxy.passthrough = {_show(entry)} "
+                          f"({merged['proxy.passthrough'].source}): {why}")
+    if cfg.tenants.trusted_proxies:
+        from ntonix.identity import parse_networks
+        try:
+            parse_networks(cfg.tenants.trusted_proxies)
+        except ValueError as e:
+            errors.append(f"tenants.trusted_proxies = {_show(list(cfg.tenants.trusted_proxies))} "
+                          f"({merged['tenants.trusted_proxies'].source}): {e}")
+    for name, tenant in cfg.tenants.keys.items():
+        if not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", name) or not isinstance(tenant, str) \
+                or not tenant or len(tenant) > 64:
+            # The entry is not shown: it may be a key in clear.
+            errors.append(f"tenants.keys ({merged['tenants.keys'].source}): expected "
+                          '"sha256:<64 hex digits of the key>": "<tenant name>" entries '
+                          "(python3 -c 'import hashlib,sys; print(\"sha256:\" + "
+                          "hashlib.sha256(sys.argv[1].encode()).hexdigest())' KEY)")
+            break
     for i, b in enumerate(cfg.backends):
         for name in ("health_path", "metrics_path"):
             path = getattr(b, name)

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from ntonix.cache.manager import ResponseCache
 from ntonix.config import BackendConfig, Config, all_settings
 from ntonix.deadlines import DeadlineSweep
+from ntonix.identity import Identity, credential_of
 from ntonix.observe.metrics import Metrics
 from ntonix.routing.admission import Admission
 from ntonix.routing.backend import Backend
@@ -48,7 +49,11 @@ class Gateway:
             max_headers=config.server.max_upstream_headers,
             ca_file=config.proxy.ca_file,
         )
+        # Who a request is (tenants, the cache scope): keyed by the secret.
+        self.identity = Identity.from_config(config)
+        self.fleet.identity = self.identity
         self.cache = ResponseCache(config.cache, reactor)
+        self.cache.credential_hash = self._credential_hash
         self.admission = Admission(self.fleet, reactor)
         self.metrics = Metrics(self)
         self.admission.on_wait = self.metrics.observe_queue_wait
@@ -94,6 +99,9 @@ class Gateway:
     @property
     def adapters(self) -> frozenset:
         return self.fleet.adapters
+
+    def _credential_hash(self, request: Any) -> bytes:
+        return self.identity.credential_hash(credential_of(request))
 
     def uptime(self) -> float:
         return self.reactor.seconds() - self.started_at
@@ -251,6 +259,8 @@ class Gateway:
                                   new.proxy.connect_timeout_seconds)
         self.cache.reconfigure(new.cache)
         self.config = new
+        self.identity = Identity.from_config(new)
+        self.fleet.identity = self.identity
         self._set_backends(new.backends)
         return needs_restart
 

@@ -20,6 +20,7 @@ from ntonix.console import make_console_factory
 from ntonix.gateway import Gateway
 from ntonix.http.routes import Router
 from ntonix.http.server import GatewayServer, Limits
+from ntonix.identity import settle_secret
 from ntonix.observe.logs import make_observer
 from ntonix.routing.health import HealthChecker
 from ntonix.routing.scrape import MetricsScraper
@@ -130,9 +131,14 @@ def read_config(options: Options) -> cfgmod.Config:
 def load_config(options: Options) -> cfgmod.Config:
     """The configuration in force, or SystemExit with one line per problem."""
     try:
-        return read_config(options)
+        config = read_config(options)
     except ConfigError as e:
         raise config_exit(e) from None
+    try:
+        return settle_secret(config)
+    except (OSError, ValueError) as e:
+        raise config_exit(ConfigError([f"server.secret_file = {config.server.secret_file!r}: "
+                                       f"{getattr(e, 'strerror', None) or e}"])) from None
 
 
 def makeService(options: Options) -> MultiService:

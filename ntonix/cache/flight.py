@@ -82,10 +82,10 @@ class Subscriber:
         f, req = self.flight, self.request
         req.setResponseCode(f.code, f.phrase)
         req.headers_out.extend(f.headers)
-        if f.backend_name and self.cache_status != b"HIT":
+        if f.backend_shown and self.cache_status != b"HIT":
             # As for stored hits, a joiner is told it was served by the cache;
             # the access log still names the backend.
-            req.addHeader(b"X-Backend", f.backend_name.encode())
+            req.addHeader(b"X-Backend", f.backend_shown.encode())
         req.addHeader(b"X-Cache", self.cache_status)
         if f.length is not None:
             req.addHeader(b"Content-Length", b"%d" % f.length)
@@ -171,6 +171,7 @@ class RemoteExchange:
         self.headers = headers
         self.sse = sse
         self.backend_name = None
+        self.shown_backend = None
 
     def response_headers(self) -> list:
         return self.headers
@@ -258,6 +259,7 @@ class Flight:
         self.headers: list = []
         self.length: Optional[int] = None
         self.backend_name: Optional[str] = None
+        self.backend_shown: Optional[str] = None  # as clients may see it (X-Backend)
         self.sse = False
         self.chunks: List[bytes] = []
         self.times: List[float] = []
@@ -323,6 +325,7 @@ class Flight:
                         if n.lower() not in PER_RESPONSE]
         self.length = response.length
         self.backend_name = exchange.backend_name
+        self.backend_shown = exchange.shown_backend
         self.sse = exchange.sse
         self.upstream = producer
         self.committed_at = self.now()

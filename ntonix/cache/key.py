@@ -3,9 +3,9 @@
 The key is xxh3_128 over the request's canonical JSON (sorted keys, compact
 separators, integral floats written as integers so that 1 and 1.0 match)
 without the fields that do not change the answer (``stream``,
-``stream_options``, ``user``), plus the route, and by default a hash of the
-``Authorization`` credential, so a hit never gives a client what its own
-credential could not get. A streamed and a plain request for the same prompt
+``stream_options``, ``user``), plus the route, and by default the keyed hash
+of the credential (``identity.py``), so a hit never gives a client what its
+own credential could not get. A streamed and a plain request for the same prompt
 share a key: one answer serves both, converted (``convert.py``). Requests
 whose answers cannot be converted faithfully (``n`` > 1) get a key per
 format. The whole request is hashed, so conversations of any length that
@@ -13,7 +13,7 @@ differ anywhere never share an entry.
 """
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import xxhash
 
@@ -38,19 +38,16 @@ def canonical(doc: dict) -> bytes:
                       ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
-def credential_hash(authorization: Optional[bytes]) -> bytes:
-    return xxhash.xxh3_64_digest(authorization or b"")
-
-
-def cache_key(route: str, doc: dict, authorization: Optional[bytes],
+def cache_key(route: str, doc: dict, credential: bytes,
               scope: str = "credential", fmt: bytes = b"any") -> bytes:
-    """``fmt``: ``any`` (one entry for both framings), or ``sse`` / ``json``
+    """``credential``: the keyed hash of the request's credential.
+    ``fmt``: ``any`` (one entry for both framings), or ``sse`` / ``json``
     for an answer that is only ever served as it came."""
     h = xxhash.xxh3_128()
     h.update(route.encode())
     h.update(b"\x00" + fmt + b"\x00")
     if scope == "credential":
-        h.update(credential_hash(authorization))
+        h.update(credential)
     h.update(b"\x00")
     h.update(canonical(doc))
     return h.digest()

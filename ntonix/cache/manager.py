@@ -55,6 +55,9 @@ class ResponseCache:
         # (model, usage, times=1): the tokens a hit saved (set by the gateway).
         self.on_saved: Optional[Callable[..., None]] = None
         self.shared: Optional[SharedTier] = None
+        # request -> the keyed hash of its credential (set by the gateway,
+        # which holds the deployment's secret).
+        self.credential_hash: Callable[[Any], bytes] = lambda request: b""
         if config.redis_url:
             host, port, db, password = parse_redis_url(config.redis_url)
             client = RedisClient(clock, host, port, db, password,
@@ -89,7 +92,7 @@ class ResponseCache:
             # A fresh random draw was asked for, as a "regenerate" button does.
             self.stats.bypasses += 1
             return Decision(BYPASS)
-        auth = request.requestHeaders.getRawHeaders(b"authorization", [None])[0]
+        credential = self.credential_hash(request)
         if not self.config.cross_format:
             fmt = b"sse" if stream else b"json"
         elif convertible(doc):
@@ -98,7 +101,7 @@ class ResponseCache:
             # n > 1: served only as it came, under a key of its own format.
             self.stats.unconvertible += 1
             fmt = b"sse" if stream else b"json"
-        key = cache_key(route, doc, auth, self.config.scope, fmt)
+        key = cache_key(route, doc, credential, self.config.scope, fmt)
         options = doc.get("stream_options")
         usage = isinstance(options, dict) and options.get("include_usage") is True
         model = doc.get("model") if isinstance(doc.get("model"), str) else None

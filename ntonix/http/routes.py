@@ -4,7 +4,6 @@ Every answer, 404 and 405 included, is JSON, every answer carries
 ``X-Request-ID``, and the table is the list that ``GET /`` shows.
 """
 
-import hmac
 import json
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
@@ -17,6 +16,9 @@ from ntonix._version import __version__
 from ntonix.http.admin_view import AdminView, send_answer
 from ntonix.http.errors import send_error, send_json_body
 from ntonix.http.request import Request
+from ntonix.http.admin_auth import listener_allows, token_ok
+from ntonix.http.passthrough import PassthroughPolicy, path_problem
+from ntonix.identity import credential_of
 from ntonix.http.validate import (
     ROUTE_CHAT,
     ROUTE_COMPLETIONS,
@@ -84,6 +86,7 @@ class Router:
                  admin_view: Optional[AdminView] = None) -> None:
         self.gateway = gateway
         self.admin = admin  # the admin listener's router: internals, no API
+        self._policy: Optional[Tuple[Any, PassthroughPolicy]] = None
         self.admin_view = admin_view
         self.routes: Dict[Tuple[bytes, bytes], Tuple[Handler, str]] = {
             (b"GET", b"/"): (self.root, "this list"),
@@ -120,7 +123,15 @@ class Router:
         path = request.path
         method = b"GET" if request.method == b"HEAD" else request.method
         entry = self.routes.get((method, path))
+        lower = request.requestHeaders.lower
+        if lower.count(b"authorization") > 1 or lower.count(b"x-api-key") > 1:
+            # Which one would count? The cache scope, the tenant and the
+            # backend could each read a different one: refuse them all.
+            return send_error(request, 400, "more than one Authorization or x-api-key header",
+                              "duplicate_credentials")
         if self.admin:
+            if not listener_allows(request, self.gateway.config.admin):
+                return None
             if path.startswith(b"/v1/"):
                 return send_error(request, 404, "the API is served on the public port, not "
                                   "the admin listener", "not_found")
@@ -130,8 +141,17 @@ class Router:
             return self.model(request, path[len(b"/v1/models/"):])
         if entry is None and self._passes_through(request.method, path):
             # The rest of the OpenAI surface (and what servers add to it) goes
-            # to a backend as it is: streamed, retried before the first byte,
-            # never cached.
+            # to a backend as it is, when proxy.passthrough lists it:
+            # streamed, never cached, retried before the first byte only
+            # where sending it twice is harmless.
+            why = path_problem(path)
+            if why is not None:
+                return send_error(request, 400, f"{path.decode('latin-1')!r}: {why}",
+                                  "invalid_path")
+            if not self._passthrough_policy().allows(request.method, path):
+                return send_error(request, 404, f"{request.method.decode('latin-1')} "
+                                  f"{path.decode('latin-1')} is not relayed to the backends "
+                                  "(proxy.passthrough)", "not_found")
             return self._passthrough(request)
         if entry is None:
             allowed = sorted(m.decode() for (m, p) in self.routes if p == path)
@@ -353,21 +373,21 @@ class Router:
             send_error(request, 404, f"{request.path.decode('latin-1')} is served on the admin "
                        "listener (admin.http_port), or here with admin.token", "not_found")
             return False
-        given = request.getHeader(b"authorization") or b""
-        expected = b"Bearer " + token.encode()
-        if not hmac.compare_digest(given, expected):
-            request.setHeader(b"WWW-Authenticate", b"Bearer")
-            send_error(request, 401, "the admin routes need Authorization: Bearer <admin.token>",
-                       "invalid_admin_token")
-            return False
-        return True
+        return token_ok(request, token)
 
-    def _tenant(self, request: Request) -> Optional[bytes]:
-        """The raw value that names the request's tenant (the admission
-        queue hashes a credential before it keeps or shows anything)."""
-        header = self.gateway.config.tenants.header
-        return request.getHeader(header.lower().encode("latin-1") if header
-                                 else b"authorization")
+    def _tenant(self, request: Request) -> Tuple[Optional[bytes], Optional[bytes]]:
+        """What the request says of its tenant: the tenant header's value
+        when a trusted proxy sent it, and the credential (the admission
+        queue hashes it before it keeps or shows anything)."""
+        ident = self.gateway.identity
+        named = None
+        if ident.header:
+            named = request.getHeader(ident.header)
+            if named is not None and not ident.trusts(request.client_ip):
+                # Anyone may send the header; only a listed proxy names tenants.
+                self.gateway.metrics.tenant_header_ignored += 1
+                named = None
+        return named, credential_of(request)
 
     def _passes_through(self, method: bytes, path: bytes) -> bool:
         """Whether a request is relayed as it is: any method but HEAD (whose
@@ -377,13 +397,21 @@ class Router:
                 and path not in ROUTE_LABELS
                 and not (method == b"GET" and path.startswith(b"/v1/models/")))
 
+    def _passthrough_policy(self) -> PassthroughPolicy:
+        entries = self.gateway.config.proxy.passthrough
+        policy = self._policy
+        if policy is None or policy[0] is not entries:  # a reload changed it
+            policy = self._policy = (entries, PassthroughPolicy.from_entries(entries))
+        return policy[1]
+
     def _passthrough(self, request: Request) -> None:
         headers = upstream_header_block(request.requestHeaders.raw, request.requestHeaders.lower,
                                         request.client_ip, request.request_id, request.secure,
-                                        len(request.body))
+                                        len(request.body),
+                                        self.gateway.identity.trusts(request.client_ip))
         exchange = Exchange(self.gateway, request.method, request.uri, headers, request.body,
                             request.request_id, False, ClientSink(request), info=request.info,
-                            tenant=self._tenant(request))
+                            tenant=self._tenant(request), passthrough=True)
         exchange.sink.exchange = exchange
         exchange.start()
 
@@ -412,7 +440,7 @@ class Router:
                 body, strip_usage = asked, True
         headers = upstream_header_block(request.requestHeaders.raw, request.requestHeaders.lower,
                                         request.client_ip, request.request_id, request.secure,
-                                        len(body))
+                                        len(body), self.gateway.identity.trusts(request.client_ip))
         if decision is None or not decision.store:
             sink: Any = ClientSink(request, decision.label if decision else None)
         else:

@@ -72,6 +72,9 @@ class GatewayCollector:
                 value=self.metrics.connections_active())
         yield c("ntonix_connections", "Client connections accepted",
                 value=self.metrics.connections_total)
+        yield c("ntonix_tenant_header_ignored", "Requests whose tenant header was ignored: "
+                "not sent by one of tenants.trusted_proxies",
+                value=self.metrics.tenant_header_ignored)
         req = c("ntonix_backend_requests", "Requests sent to each backend", labels=["backend"])
         err = c("ntonix_backend_errors", "Failed requests and health checks per backend",
                 labels=["backend"])
@@ -285,6 +288,8 @@ class Metrics:
                                 self.backend_latency, self.queue_wait, self.genai_ttft,
                                 self.genai_tpot, self.genai_duration, self.genai_tokens]))
         self.active = 0
+        # Tenant headers from clients that are not trusted proxies (ignored).
+        self.tenant_header_ignored = 0
         self.sites: list = []
         self._children: Dict[tuple, tuple] = {}
         self._backend_children: Dict[str, Any] = {}

@@ -19,8 +19,9 @@ higher class by refusing its newest lowest-class request (``shed``), and
 within a class for a tenant under its share by refusing the newest request
 of the tenant furthest over it (``queue_full``).
 
-A tenant is the value of ``tenants.header``, or a hash of the Authorization
-credential (never the credential itself), or ``anonymous``.
+A tenant is named by a trusted proxy's tenant header, by the credential map,
+or is the keyed hash of the credential (never the credential itself), or
+``anonymous`` (``identity.py``).
 """
 
 import math
@@ -28,17 +29,16 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import attrs
-import xxhash
 from twisted.logger import Logger
 
 from ntonix.config import PRIORITIES
+from ntonix.identity import ANONYMOUS
 
 if TYPE_CHECKING:
     from ntonix.routing.fleet import Fleet
 
 log = Logger(namespace="ntonix.routing.admission")
 
-ANONYMOUS = "anonymous"
 OTHER = "other"
 # Finished requests remembered for the drain rate (the last 10 s, bounded).
 RATE_WINDOW = 10.0
@@ -47,16 +47,6 @@ RATE_SAMPLES = 4096
 QUEUE_FULL, QUEUE_TIMEOUT, SHED = "queue_full", "queue_timeout", "shed"
 # Requests of one tenant looked at for one that can go now.
 SCAN_DEPTH = 32
-
-
-def tenant_id(raw: Optional[bytes], by_header: bool) -> str:
-    """The tenant a request belongs to, from the tenant header's value or
-    the Authorization credential (hashed: it is a secret)."""
-    if not raw:
-        return ANONYMOUS
-    if by_header:
-        return raw[:64].decode("latin-1")
-    return "key-" + xxhash.xxh3_64_hexdigest(raw)[:12]
 
 
 @attrs.define(eq=False)
@@ -184,14 +174,18 @@ class Admission:
         """Requests waiting, all classes (kept as a count: read per request)."""
         return self.waiting
 
-    def tenant_of(self, raw_tenant: Optional[bytes]) -> str:
-        return tenant_id(raw_tenant, bool(self.fleet.tenant_settings.header))
+    def tenant_of(self, claim: Optional[Tuple[Optional[bytes], Optional[bytes]]]) -> str:
+        """The tenant of a request that claims (tenant header value from a
+        trusted proxy, credential)."""
+        if claim is None:
+            return ANONYMOUS
+        return self.fleet.identity.tenant(*claim)
 
-    def priority_of(self, raw_tenant: Optional[bytes]) -> str:
+    def priority_of(self, claim: Optional[Tuple[Optional[bytes], Optional[bytes]]]) -> str:
         t = self.fleet.tenant_settings
         if not t.classes:
             return t.default_priority  # no tenant named: no hash to compute
-        cls = t.classes.get(tenant_id(raw_tenant, bool(t.header)))
+        cls = t.classes.get(self.tenant_of(claim))
         return cls.get("priority", t.default_priority) if cls else t.default_priority
 
     def weight_of(self, tenant: str) -> float:

@@ -13,6 +13,7 @@ through a getter because SIGHUP swaps it.
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from ntonix.config import Config
+from ntonix.identity import Identity
 from ntonix.routing.backend import Backend
 from ntonix.routing.breaker import CLOSED
 
@@ -29,6 +30,8 @@ class Fleet:
         self.limited = False
         # Models that are LoRA adapters on some backend (from /v1/models).
         self.adapters: frozenset = frozenset()
+        # Who a request is (replaced on reload).
+        self.identity: Optional[Identity] = None
 
     # -- settings, as in force now
     @property

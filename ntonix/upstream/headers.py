@@ -67,10 +67,16 @@ def sane_request_id(given: bytes) -> bytes:
 
 
 def upstream_header_block(client: RawHeaders, lower: List[bytes], client_ip: str,
-                          request_id: bytes, secure: bool, body_length: int) -> bytes:
+                          request_id: bytes, secure: bool, body_length: int,
+                          trusted: bool = False) -> bytes:
     """The header lines of the request sent upstream, after its request line
     and Host: the client's end-to-end headers, the forwarding ones, the
-    length, and the blank line. Built once per request, in one pass."""
+    length, and the blank line. Built once per request, in one pass.
+
+    ``trusted``: the peer is one of ``tenants.trusted_proxies``, whose
+    ``X-Forwarded-For`` is kept (and the address it last added is the real
+    client's); from anyone else it is dropped, so a client cannot make the
+    backend believe another address."""
     drop = _dropped(client, lower, _DROP_UPSTREAM)
     out = []
     xff = []
@@ -80,12 +86,15 @@ def upstream_header_block(client: RawHeaders, lower: List[bytes], client_ip: str
                 xff.append(value)
             continue
         out.append(b"%s: %s\r\n" % (name, value))
-    ip = client_ip.encode()
-    if xff:
+    ip = real = client_ip.encode()
+    if xff and trusted:
+        real = xff[-1].rsplit(b",", 1)[-1].strip() or ip
         xff.append(ip)
+    else:
+        xff = []
     out.append(b"X-Forwarded-For: %s\r\nX-Real-IP: %s\r\nX-Forwarded-Proto: %s\r\n"
                b"X-Request-ID: %s\r\nContent-Length: %d\r\n\r\n"
-               % (b", ".join(xff) if xff else ip, ip, b"https" if secure else b"http",
+               % (b", ".join(xff) if xff else ip, real, b"https" if secure else b"http",
                   request_id, body_length))
     return b"".join(out)
 

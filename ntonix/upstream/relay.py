@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from ntonix.http.errors import error_json, send_error
 from ntonix.http.request import Request
+from ntonix.http.passthrough import IDEMPOTENT
 from ntonix.routing.backend import Backend
 from ntonix.routing.scorer import RouteContext, attempt_ended, prefill_ended
 from ntonix.upstream.connection import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
@@ -175,13 +176,14 @@ class Exchange:
                  "last_attempt", "committed", "sse", "status", "bytes_in", "cancelled", "done",
                  "info", "first_byte_at", "model", "route", "tenant_raw", "_tenant",
                  "priority", "waiter", "same_backend_ok", "account", "strip_usage", "tap",
-                 "json_tail", "remote_slot")
+                 "json_tail", "remote_slot", "passthrough")
 
     def __init__(self, gateway: "Gateway", method: bytes, path: bytes, header_block: bytes,
                  body: bytes, request_id: bytes, stream: bool, sink: Any,
                  info: Any = None, model: Optional[str] = None,
                  route: Optional[RouteContext] = None, tenant: Optional[bytes] = None,
-                 account: bool = False, strip_usage: bool = False) -> None:
+                 account: bool = False, strip_usage: bool = False,
+                 passthrough: bool = False) -> None:
         self.gateway = gateway
         self.clock = gateway.reactor
         self.idle_timeout = gateway.config.proxy.stream_idle_timeout_seconds
@@ -222,6 +224,11 @@ class Exchange:
             else tenants.default_priority
         self.waiter: Any = None  # while it waits in the admission queue
         self.same_backend_ok = False
+        # A route a client chose (proxy.passthrough): its 5xx answers are
+        # not the backend's fault as far as the breaker knows (a client
+        # could open a circuit by asking for a route that fails), and it is
+        # sent again after one only when its method changes nothing.
+        self.passthrough = passthrough
         # The attempt holds a slot of the workers' broker (given back when it ends).
         self.remote_slot = False
         # Token accounting (generation routes): usage read from the answer;
@@ -241,6 +248,20 @@ class Exchange:
     @property
     def backend_name(self) -> Optional[str]:
         return self.tried[-1].name if self.tried else None
+
+    @property
+    def shown_backend(self) -> Optional[str]:
+        """The backend's name as clients may see it (``proxy.expose_backend``)."""
+        return self.backend_name if self.gateway.config.proxy.expose_backend else None
+
+    def _for_client(self, message: Optional[str]) -> Optional[str]:
+        """``message`` fit for the client: without backend addresses unless
+        ``proxy.expose_backend`` (the log keeps them)."""
+        if message is None or self.gateway.config.proxy.expose_backend:
+            return message
+        for b in self.tried:
+            message = message.replace(f"backend {b.name}", "the backend")
+        return message
 
     # -- attempts
     def start(self) -> None:
@@ -413,10 +434,12 @@ class Exchange:
         self.pending = None
         name = self.tried[-1].name
         if response.code >= 500 and self.retries_left > 0 \
+                and (not self.passthrough or self.method in IDEMPOTENT) \
                 and self.gateway.any_available(exclude=self.tried, model=self.model):
             self._cancel_deadline()
             response.discard()
-            self._release(False, f"backend {name} answered HTTP {response.code}")
+            self._release(None if self.passthrough else False,
+                          f"backend {name} answered HTTP {response.code}")
             self.retries_left -= 1
             log.info("request {request_id}: {backend} answered {code}; retrying elsewhere",
                      request_id=self.request_id, backend=name, code=response.code)
@@ -500,10 +523,13 @@ class Exchange:
                    "(proxy.stream_idle_timeout_seconds)" if timed_out
                    else f"backend {name} failed mid-response: {why}")
             log.warn("response {request_id} cut: {why}", request_id=self.request_id, why=why)
-        self._release(complete and self.status < 500, why)
+        if complete and self.status >= 500 and self.passthrough:
+            self._release(None)  # the client's route, not the backend's fault
+        else:
+            self._release(complete and self.status < 500, why)
         if not complete and self.info is not None:
             self.info.upstream_failed = True
-        self._finish().end(complete, why)
+        self._finish().end(complete, self._for_client(why))
 
     def failed(self, pending: Any, reason: Exception) -> None:
         try:
@@ -547,7 +573,7 @@ class Exchange:
         self.status = status
         if self.info is not None:
             self.info.upstream_failed = True
-        self._finish().fail(status, message, code, retry_after)
+        self._finish().fail(status, self._for_client(message), code, retry_after)
 
 
 def server_timing(request: Request) -> None:
@@ -623,7 +649,9 @@ class ClientSink:
         req = self.request
         req.setResponseCode(response.code, response.phrase)
         req.headers_out.extend(exchange.response_headers())
-        req.addHeader(b"X-Backend", exchange.backend_name.encode())
+        shown = exchange.shown_backend
+        if shown is not None:
+            req.addHeader(b"X-Backend", shown.encode())
         if self.cache_status:
             req.addHeader(b"X-Cache", self.cache_status)
         length = response.length

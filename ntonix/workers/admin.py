@@ -15,6 +15,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ntonix.http.admin_auth import listener_allows
 from ntonix.http.admin_view import Answer, send_answer
 from ntonix.http.errors import error_json, send_error
 from ntonix.workers.channel import ChannelError
@@ -112,6 +113,8 @@ class GatewayViews:
                     sup.last_metrics[p.index] = r["text"]
             # A worker slow to answer counts with its last page.
             texts = [sup.last_metrics[p.index] for p in live if p.index in sup.last_metrics]
+            # Requests that may wait wait in the broker, not in a worker.
+            texts.append(sup.broker.exposition())
             text = merge_expositions(texts, sup.retired_metrics)
             text += ("# HELP ntonix_workers Worker processes running\n"
                      "# TYPE ntonix_workers gauge\n"
@@ -131,8 +134,16 @@ class GatewayViews:
             lambda alive: json_answer(merged_cache_stats([r["cache"] for r in alive])))
 
     def admission(self, accept: bytes) -> "defer.Deferred[Answer]":
-        return self._statuses().addCallback(
-            lambda alive: json_answer(merged_admission([r["admission"] for r in alive])))
+        """The broker's queue when requests may wait (the gateway's one
+        queue, with its slots), beside each worker's own document."""
+        def doc(alive: List[Dict[str, Any]]) -> Answer:
+            merged = merged_admission([r["admission"] for r in alive])
+            broker = self.supervisor.broker
+            if not broker.grants and not broker.admission.waiting \
+                    and not broker.admission.refused:
+                return json_answer(merged)  # no limit anywhere: nothing went through it
+            return json_answer({**broker.as_json(), "workers": merged.get("workers", [])})
+        return self._statuses().addCallback(doc)
 
     def health(self, accept: bytes) -> "defer.Deferred[Answer]":
         def judged(alive: List[Dict[str, Any]]) -> Answer:
@@ -169,6 +180,8 @@ class SupervisorRouter:
         self.views = views
 
     def handle(self, request: Any) -> None:
+        if not listener_allows(request, self.views.supervisor.config.admin):
+            return None
         if request.method not in (b"GET", b"HEAD"):
             return send_error(request, 405, "only GET here", "method_not_allowed")
         path = request.path

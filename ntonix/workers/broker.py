@@ -254,6 +254,16 @@ class SlotBroker:
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
 
+    def exposition(self) -> str:
+        """The queue's length per class, as the workers' pages name it (the
+        supervisor's merge sums it with theirs, which are 0 while the
+        broker holds the queue)."""
+        lines = ["# HELP ntonix_queue_length Requests waiting for a free backend",
+                 "# TYPE ntonix_queue_length gauge"]
+        lines += [f'ntonix_queue_length{{priority="{p}"}} {q.count}.0'
+                  for p, q in self.admission.queues.items()]
+        return "\n".join(lines) + "\n"
+
     def as_json(self) -> Dict[str, Any]:
         doc = self.admission.as_json()
         doc["scope"] = "gateway (every worker)"

@@ -130,6 +130,7 @@ async def test_critical_request_queued_after_sheddable_ones_is_served_first():
     sim = Sim("a", decode_ms_base=20.0)
     env = env_for(sim, 1, queue_size=10, queue_timeout_seconds=10)
     env["NTONIX_TENANTS_HEADER"] = "X-Tenant"
+    env["NTONIX_TENANTS_TRUSTED_PROXIES"] = "127.0.0.1"  # the tests stand for the proxy
     env["NTONIX_TENANTS_CLASSES"] = json.dumps({"gold": {"priority": "critical"},
                                                 "free": {"priority": "sheddable"}})
     gw = await start_gateway(["--port", "0"], env=env)
@@ -155,6 +156,7 @@ async def test_a_flooding_tenant_does_not_raise_another_tenants_wait():
     sim = Sim("a", decode_ms_base=10.0, max_running=16)
     env = env_for(sim, 2, queue_size=200, queue_timeout_seconds=20)
     env["NTONIX_TENANTS_HEADER"] = "X-Tenant"
+    env["NTONIX_TENANTS_TRUSTED_PROXIES"] = "127.0.0.1"  # the tests stand for the proxy
     gw = await start_gateway(["--port", "0"], env=env)
     client = http_client()
     try:

@@ -94,8 +94,11 @@ def test_dockerfile_steps_work_outside_docker(tmp_path):
         wait_accepting(mock_port, mock)
         assert subprocess.run(swap_port(mock_health, 8001, mock_port), env=env,
                               timeout=30).returncode == 0
+        # The admin token as the compose file sets it: the container's
+        # admin listener is off loopback and refuses to start without one.
         gw_env = {**env, "NTONIX_PORT": str(gw_port),
-                  "NTONIX_BACKENDS": f"127.0.0.1:{mock_port}"}
+                  "NTONIX_BACKENDS": f"127.0.0.1:{mock_port}",
+                  "NTONIX_ADMIN_TOKEN": "test-admin-token"}
         gw_cmd = [str(ROOT / src_config) if a == dest_config else a for a in cmd]
         gateway = subprocess.Popen(gw_cmd, env=gw_env, cwd=workdir,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -196,6 +199,9 @@ def test_compose_file_is_valid_and_matches_the_repository():
         # Both replicas share the compose file's Redis.
         env = dict(e.split("=", 1) for e in gw["environment"])
         assert parse_redis_url(env["NTONIX_CACHE_REDIS_URL"])[:2] == ("redis", 6379)
+        # The admin listener is off loopback there: a token, and the secret
+        # the replicas share for their shared cache.
+        assert env["NTONIX_ADMIN_TOKEN"] and env["NTONIX_SERVER_SECRET"]
     # The configured backends are the mock services, on the ports they listen on.
     for backend in config["backends"]:
         cmd = services[backend["host"]]["command"]

@@ -62,6 +62,7 @@ async def test_priority_order_holds_across_workers():
     sim = Sim("a", decode_ms_base=20.0)
     env = env_for(sim, 1, queue_size=10, queue_timeout_seconds=10)
     env["NTONIX_TENANTS_HEADER"] = "X-Tenant"
+    env["NTONIX_TENANTS_TRUSTED_PROXIES"] = "127.0.0.1"  # the tests stand for the proxy
     env["NTONIX_TENANTS_CLASSES"] = json.dumps({"gold": {"priority": "critical"},
                                                 "free": {"priority": "sheddable"}})
     gw = await two_workers(env)
@@ -88,6 +89,7 @@ async def test_a_flood_on_the_workers_does_not_raise_a_small_tenants_wait():
     sim = Sim("a", decode_ms_base=10.0, max_running=16)
     env = env_for(sim, 2, queue_size=200, queue_timeout_seconds=20)
     env["NTONIX_TENANTS_HEADER"] = "X-Tenant"
+    env["NTONIX_TENANTS_TRUSTED_PROXIES"] = "127.0.0.1"  # the tests stand for the proxy
     gw = await two_workers(env)
     client = http_client()
     try:

@@ -69,10 +69,12 @@ async def redis():
 
 
 async def two_gateways(redis, mock):
+    # Gateways sharing a Redis share the secret that keys the cache scope.
     args = ["--port", "0", "--backend", mock.address, "--set", f"cache.redis_url={redis.url}"]
-    a = await start_gateway(args)
+    env = {"NTONIX_SERVER_SECRET": "shared by both gateways"}
+    a = await start_gateway(args, env=env)
     try:
-        b = await start_gateway(args)
+        b = await start_gateway(args, env=env)
     except BaseException:
         await stop_gateway(a)
         raise

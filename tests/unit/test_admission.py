@@ -5,7 +5,8 @@ from twisted.internet.task import Clock
 
 from ntonix.config import Config
 from ntonix.gateway import Gateway
-from ntonix.routing.admission import ClassQueue, Waiter, tenant_id
+from ntonix.identity import Identity, key_digest, parse_networks
+from ntonix.routing.admission import ClassQueue, Waiter
 
 
 def drain(q, n=None, can=lambda w: True):
@@ -70,14 +71,30 @@ def test_removed_waiter_is_gone():
     q.remove(w)  # twice: harmless
 
 
-def test_tenant_from_credential_is_a_hash_never_the_secret():
-    t = tenant_id(b"Bearer sk-very-secret", by_header=False)
+def test_tenant_from_credential_is_a_keyed_hash_never_the_secret():
+    ident = Identity(b"deployment secret")
+    t = ident.tenant(None, b"Bearer sk-very-secret")
     assert t.startswith("key-") and "secret" not in t and len(t) == 16
-    assert t == tenant_id(b"Bearer sk-very-secret", by_header=False)
-    assert t != tenant_id(b"Bearer sk-other", by_header=False)
-    assert tenant_id(None, by_header=False) == "anonymous"
-    assert tenant_id(b"team-a", by_header=True) == "team-a"
-    assert len(tenant_id(b"x" * 500, by_header=True)) == 64
+    assert t == ident.tenant(None, b"Bearer sk-very-secret") == ident.tenant(None, b"sk-very-secret")
+    assert t != ident.tenant(None, b"Bearer sk-other")
+    assert t != Identity(b"another secret").tenant(None, b"Bearer sk-very-secret")
+    assert ident.tenant(None, None) == "anonymous"
+    assert ident.tenant(b"team-a", b"Bearer sk-x") == "team-a"
+    assert len(ident.tenant(b"x" * 500, None)) == 64
+
+
+def test_listed_keys_name_their_tenant_and_every_other_key_shares_one():
+    ident = Identity(b"s", keys={key_digest("sk-ops")[len("sha256:"):]: "ops"})
+    assert ident.tenant(None, b"Bearer sk-ops") == "ops"
+    assert ident.tenant(None, b"Bearer sk-made-up-1") == "unlisted"
+    assert ident.tenant(None, b"Bearer sk-made-up-2") == "unlisted"
+
+
+def test_trusted_proxies_by_address_and_cidr():
+    ident = Identity(b"s", trusted=parse_networks(["10.0.0.0/8", "::1"]))
+    assert ident.trusts("10.1.2.3") and ident.trusts("::1") and ident.trusts("::ffff:10.0.0.1")
+    assert not ident.trusts("11.0.0.1") and not ident.trusts("not an address")
+    assert not Identity(b"s").trusts("10.1.2.3")
 
 
 def test_retry_after_follows_the_drain_rate():

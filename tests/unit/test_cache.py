@@ -4,13 +4,18 @@ import pytest
 from twisted.internet.task import Clock
 
 from ntonix.cache.key import cache_key, canonical, is_sampled
+from ntonix.identity import Identity
 from ntonix.cache.store import ENTRY_OVERHEAD, Entry, ResponseStore
 
 BASE = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
 
 
+IDENTITY = Identity(b"test secret")
+
+
 def key(doc=None, route="chat", fmt=b"any", auth=b"Bearer a", scope="credential"):
-    return cache_key(route, doc if doc is not None else BASE, auth, scope, fmt)
+    return cache_key(route, doc if doc is not None else BASE,
+                     IDENTITY.credential_hash(auth), scope, fmt)
 
 
 def test_key_ignores_order_whitespace_number_form_and_delivery_fields():

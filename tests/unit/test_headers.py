@@ -25,7 +25,7 @@ def test_upstream_headers_strip_hop_by_hop_and_add_forwarding():
         (b"X-Dup", b"a"), (b"X-Dup", b"b"), (b"Expect", b"100-continue"),
     ]
     out = parse_block(upstream_header_block(client, lower_names(client), "10.0.0.1", b"rid",
-                                            True, 7))
+                                            True, 7, trusted=True))
     names = [n.lower() for n, _ in out]
     for gone in (b"connection", b"x-private", b"te", b"host", b"upgrade", b"expect"):
         assert gone not in names
@@ -33,13 +33,21 @@ def test_upstream_headers_strip_hop_by_hop_and_add_forwarding():
     assert values(out, b"accept-encoding") == [b"br"]
     assert values(out, b"authorization") == [b"Bearer k"]
     assert values(out, b"x-forwarded-for") == [b"1.1.1.1, 2.2.2.2, 10.0.0.1"]
-    assert values(out, b"x-real-ip") == [b"10.0.0.1"]
+    assert values(out, b"x-real-ip") == [b"2.2.2.2"]  # as the trusted proxy says
     assert values(out, b"x-forwarded-proto") == [b"https"]
     assert values(out, b"x-request-id") == [b"rid"]
     # The body's own length, once, whatever the client said.
     assert values(out, b"content-length") == [b"7"]
     # Repeated end-to-end headers keep their order.
     assert values(out, b"x-dup") == [b"a", b"b"]
+
+
+def test_an_untrusted_clients_forwarding_headers_are_dropped():
+    client = [(b"X-Forwarded-For", b"1.2.3.4"), (b"X-Real-IP", b"1.2.3.4")]
+    out = parse_block(upstream_header_block(client, lower_names(client), "10.0.0.9", b"r",
+                                            False, 0))
+    assert values(out, b"x-forwarded-for") == [b"10.0.0.9"]
+    assert values(out, b"x-real-ip") == [b"10.0.0.9"]
 
 
 def test_first_hop_gets_the_client_address_alone():

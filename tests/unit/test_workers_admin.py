@@ -18,6 +18,7 @@ from ntonix.http.server import GatewayServer, Limits
 from ntonix.workers.admin import (VIEW_SECONDS, GatewayViews, SupervisorRouter,
                                   SupervisorView)
 from ntonix.workers.channel import Channel
+from ntonix.workers.broker import SlotBroker
 from ntonix.workers.merge import merged_admission, merged_cache_stats
 
 
@@ -132,6 +133,9 @@ class FakeSupervisor:
     last_metrics: dict = attrs.Factory(dict)
     retired_metrics: list = attrs.Factory(list)
     asked: list = attrs.Factory(list)
+    config: Config = attrs.Factory(Config)
+    broker: SlotBroker = attrs.Factory(
+        lambda self: SlotBroker(Config, self.reactor, lambda worker, msg: None), takes_self=True)
 
     def ask_all(self, op, timeout=5.0):
         self.asked.append(op)
