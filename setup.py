@@ -39,6 +39,7 @@ setup(
         "ntonix.cache",
         "ntonix.observe",
         "ntonix.workers",
+        "ntonix.share",
         "ntonix_mock",
         "twisted.plugins",
     ],

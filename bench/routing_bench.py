@@ -5,6 +5,10 @@ workload, in front of four inference simulators, in one run.
     flock /tmp/ntonix-cpu.lock .venv/bin/python bench/routing_bench.py --quick  # about 1 minute
     ... bench/routing_bench.py --algorithms inference --weights '{"prefix": 5}'  # explore
 
+    ... bench/routing_bench.py --scaling         # inference: 1 worker, 2 workers, 2 gateways
+    ... bench/routing_bench.py --workers 2 --algorithms inference
+    ... bench/routing_bench.py --gateways 2 --algorithms inference   # sharing a redis-server
+
 (``flock``: runs never overlap another CPU-heavy run on this 2-core machine.)
 
 Four ``python -m ntonix_mock --inference`` simulators (mock/simulator.py: FIFO
@@ -37,18 +41,33 @@ alone need 1.2x that), at most one adapter loaded (150 ms a load). The "perfect 
 row is computed offline from the prompts actually sent (see BOUND below).
 Targets are printed beside the figures, never asserted. Every load goes to
 127.0.0.1; every wait is bounded; a hung gateway is killed.
+
+Shapes: ``--workers N`` runs each gateway with ``server.workers`` N;
+``--gateways 2`` runs two gateways sharing a ``redis-server`` started for the
+run (``cluster.redis_url``), as replicas behind an L4 balancer. ``--scaling``
+runs the inference scorer in three shapes, one gateway of one worker, one
+gateway of ``--workers`` (default 2) workers, two gateways of one worker
+sharing Redis, and prints TTFT p90 and the prefix hit rate of each against
+the first. ``--connections``: ``keepalive`` (a conversation keeps its
+connection, so its turns stay on one worker of one gateway: the default,
+except with ``--scaling``) or ``per-turn`` (each turn on a new connection,
+the gateways taken in turn as a round-robin L4 balancer would: the turns of
+one conversation reach every worker and gateway; the default with
+``--scaling``).
 """
 
 import argparse
 import datetime
+import itertools
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -57,7 +76,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cache_bench import get_json  # noqa: E402
 from proxy_bench import (  # noqa: E402
-    Child, Conn, bench_main, control, pct, spawn, start_twistd, stop_children)
+    Child, Conn, bench_main, control, free_port, pct, spawn, start_twistd, stop_children,
+    wait_accepting)
 
 from ntonix_mock.simulator import (  # noqa: E402
     PrefixCache, block_hashes, chain_seed, prompt_token_count, render_prompt)
@@ -68,6 +88,8 @@ SHORT = {"weighted_round_robin": "round-robin", "least_outstanding": "least-outs
 BASE_MODEL = "sim-llm"
 LORAS = ("sql-lora", "chat-lora")
 BACKEND_ID = re.compile(rb"(?i)\r\nx-backend-id: *([^\r]*)")
+# A gateway process's request ids share a prefix: which process answered.
+REQUEST_ID = re.compile(rb"(?i)\r\nx-request-id: *([^\r]*)[0-9a-f]{16}\r")
 BLOCK_TOKENS = 16
 BYTES_PER_TOKEN = 4
 N_SIMS = 4
@@ -76,6 +98,9 @@ N_SIMS = 4
 TARGET_TTFT_VS_RR = 2.0
 TARGET_TTFT_VS_LO = 1.5
 TARGET_HIT_GAP_POINTS = 10.0
+# Scaling out (--scaling): TTFT p90 at most this much above one worker's.
+TARGET_WORKERS_TTFT = 0.10
+TARGET_GATEWAYS_TTFT = 0.15
 
 BOUND = ("perfect router (bound): the share of prompt tokens, over the requests sent in "
          "the run in their order of sending, whose leading 64-byte blocks (16 tokens x 4 "
@@ -220,11 +245,15 @@ def chat_request(doc: Dict[str, Any]) -> bytes:
             % (len(body), body))
 
 
-async def run_workload(reactor: Any, port: int, convs: List[Conversation], systems: List[str],
-                       last_send: float, request_timeout: float) -> Dict[str, Any]:
-    """Every conversation through the gateway on ``port``; turns not started
-    ``last_send`` seconds after the start are skipped."""
+async def run_workload(reactor: Any, ports: List[int], convs: List[Conversation],
+                       systems: List[str], last_send: float, request_timeout: float,
+                       per_turn: bool = False) -> Dict[str, Any]:
+    """Every conversation through the gateways on ``ports``; turns not
+    started ``last_send`` seconds after the start are skipped. A
+    conversation keeps one connection (to ``ports[uid % n]``), or with
+    ``per_turn`` opens one per turn, to the next port in turn."""
     t0 = reactor.seconds()
+    next_port = itertools.count()
     records: List[Dict[str, Any]] = []
     sent: List[Tuple[str, Dict[str, Any]]] = []
     errors: Dict[str, int] = {}
@@ -242,7 +271,12 @@ async def run_workload(reactor: Any, port: int, convs: List[Conversation], syste
                 if reactor.seconds() - t0 > last_send:
                     skipped[0] += len(c.users) - t
                     return
+                if per_turn and conn is not None:
+                    conn.transport.loseConnection()
+                    conn = None
                 if conn is None or not conn.transport.connected:
+                    port = ports[next(next_port) % len(ports)] if per_turn \
+                        else ports[c.uid % len(ports)]
                     ep = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
                     conn = await connectProtocol(ep, ChatConn(reactor))
                 messages.append({"role": "user", "content": msg})
@@ -263,9 +297,12 @@ async def run_workload(reactor: Any, port: int, convs: List[Conversation], syste
                     return
                 raw = bytes(conn.raw)
                 answer, usage = parse_stream(raw)
-                backend = BACKEND_ID.search(raw.partition(b"\r\n\r\n")[0])
+                head = raw.partition(b"\r\n\r\n")[0]
+                backend = BACKEND_ID.search(head)
+                process = REQUEST_ID.search(head)
                 records.append({"uid": c.uid, "turn": t, "model": c.model, "start": start - t0,
-                                "system": c.system,
+                                "system": c.system, "port": port,
+                                "process": process.group(1).decode() if process else None,
                                 "backend": backend.group(1).decode() if backend else None,
                                 "ttft": ttft, "e2e": e2e,
                                 "out": (usage or {}).get("completion_tokens", 0),
@@ -340,9 +377,43 @@ async def reset_sims(reactor: Any, ports: List[int]) -> None:
         await control(reactor, p, loras=list(LORAS))
 
 
+class Shape(NamedTuple):
+    """How many gateways (sharing a Redis when more than one), each of how
+    many worker processes."""
+
+    gateways: int
+    workers: int
+
+    @property
+    def label(self) -> str:
+        if self.gateways == 1:
+            return f"1 gateway, {self.workers} worker{'s' if self.workers > 1 else ''}"
+        return (f"{self.gateways} gateways + Redis, {self.workers} "
+                f"worker{'s' if self.workers > 1 else ''} each")
+
+
+async def start_redis(reactor: Any, directory: str) -> Tuple[Child, str]:
+    """A throwaway redis-server on a free port, for gateways to share."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("two gateways share a Redis: redis-server is not installed "
+                         "(.ci/install-services installs it)")
+    port = free_port()
+    child = Child(rb"(?!)")
+    spawn(reactor, child, [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no", "--dir", directory])
+    await wait_accepting(reactor, child, port, "redis-server")
+    return child, f"redis://127.0.0.1:{port}/0"
+
+
 async def start_gateway(reactor: Any, args: argparse.Namespace, algorithm: str,
-                        ports: List[int], log: str) -> Tuple[Child, int]:
+                        ports: List[int], log: str, workers: int = 1,
+                        redis_url: str = "") -> Tuple[Child, int]:
     extra: List[str] = []
+    if workers > 1:
+        extra += ["--set", f"server.workers={workers}"]
+    if redis_url:
+        extra += ["--set", f"cluster.redis_url={redis_url}"]
     if algorithm == "inference":
         # Sized as the README says an operator should: the backends' KV
         # cache in bytes of prompt (16 tokens of 4 bytes a block) over the
@@ -385,25 +456,34 @@ async def wait_ready(reactor: Any, port: int, algorithm: str, seconds: float = 2
 
 # -- one algorithm
 
-async def one_algorithm(reactor: Any, args: argparse.Namespace, algorithm: str,
+async def one_algorithm(reactor: Any, args: argparse.Namespace, algorithm: str, shape: Shape,
                         ports: List[int], convs: List[Conversation], systems: List[str],
-                        tmp: str) -> Dict[str, Any]:
+                        tmp: str, redis_url: str) -> Dict[str, Any]:
     await reset_sims(reactor, ports)
     t_start = reactor.seconds()
-    gw, gw_port = await start_gateway(reactor, args, algorithm, ports, f"{tmp}/{algorithm}.log")
+    gws: List[Tuple[Child, int]] = []
     try:
-        await wait_ready(reactor, gw_port, algorithm)
-        res = await run_workload(reactor, gw_port, convs, systems,
-                                 args.duration + args.drain, args.request_timeout)
-        res["gateway"] = await get_json(reactor, gw_port, "/backends")
+        for g in range(shape.gateways):
+            gws.append(await start_gateway(
+                reactor, args, algorithm, ports,
+                f"{tmp}/{algorithm}-{shape.gateways}x{shape.workers}-{g}.log", shape.workers,
+                redis_url if shape.gateways > 1 else ""))
+        gw_ports = [p for _, p in gws]
+        for port in gw_ports:
+            await wait_ready(reactor, port, algorithm)
+        res = await run_workload(reactor, gw_ports, convs, systems,
+                                 args.duration + args.drain, args.request_timeout,
+                                 per_turn=args.connections == "per-turn")
+        res["gateway"] = await get_json(reactor, gw_ports[0], "/backends")
     finally:
-        await stop_children(reactor, gw)
+        await stop_children(reactor, *[c for c, _ in gws])
     res["sims"] = [await get_json(reactor, p, "/stats") for p in ports]
     res["wall"] = reactor.seconds() - t_start
     return res
 
 
-def summarize(args: argparse.Namespace, algorithm: str, res: Dict[str, Any]) -> Dict[str, Any]:
+def summarize(args: argparse.Namespace, algorithm: str, shape: Shape, label: str,
+              res: Dict[str, Any]) -> Dict[str, Any]:
     recs = res["records"]
     ttft = [1000 * r["ttft"] for r in recs]
     e2e = [1000 * r["e2e"] for r in recs]
@@ -420,7 +500,18 @@ def summarize(args: argparse.Namespace, algorithm: str, res: Dict[str, Any]) -> 
     busy = [(s["requests"] * args.prefill_ms_base + args.prefill_ms_per_token
              * (s["prefix_queries_tokens"] - s["prefix_hits_tokens"])) / 1000 / span
             for s in sims] if recs else []
-    return {"algorithm": algorithm, "n": len(recs), "failed": sum(res["errors"].values()),
+    # Turns that reached another gateway process than the conversation's
+    # previous turn: what the shared scheduler state is for.
+    last: Dict[int, Any] = {}
+    moved = later = 0
+    for r in sorted(recs, key=lambda r: (r["uid"], r["turn"])):
+        where = (r["port"], r["process"])
+        if r["uid"] in last:
+            later += 1
+            moved += where != last[r["uid"]]
+        last[r["uid"]] = where
+    return {"algorithm": algorithm, "shape": shape, "label": label, "n": len(recs),
+            "moved": moved / later if later else float("nan"), "failed": sum(res["errors"].values()),
             "errors": res["errors"], "skipped": res["skipped"],
             "ttft50": pct(ttft, 50), "ttft90": pct(ttft, 90), "ttft99": pct(ttft, 99),
             "e2e50": pct(e2e, 50), "e2e99": pct(e2e, 99),
@@ -471,7 +562,7 @@ def report(args: argparse.Namespace, convs: List[Conversation], systems: List[st
           f"{max(sys_blocks) * BLOCK_TOKENS} tokens); LoRA users: "
           + ", ".join(f"{m} {n}" for m, n in n_lora.items())
           + f"; max_tokens 16-48; streamed, include_usage; no turn starts after "
-            f"{args.duration + args.drain:g} s")
+            f"{args.duration + args.drain:g} s; connections: {args.connections}")
     base_sys = sum(sys_blocks)
     distinct = max(r["distinct"] for r in rows)
     print(f"KV: {args.kv_blocks} blocks per simulator, {capacity} for the fleet; the base model's "
@@ -482,11 +573,11 @@ def report(args: argparse.Namespace, convs: List[Conversation], systems: List[st
         print(f"gateway settings: weights {args.weights or 'default'}; inference --set "
               f"{args.inference_set}; all --set {args.gateway_set}")
     print()
-    print("| algorithm | TTFT p50 | TTFT p90 | TTFT p99 | e2e p50 | e2e p99 | output tokens/s "
+    print(f"| {'shape' if args.scaling else 'algorithm'} | TTFT p50 | TTFT p90 | TTFT p99 | e2e p50 | e2e p99 | output tokens/s "
           "| completed / failed | prefix hit rate | LoRA loads |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {SHORT[r['algorithm']]} | {f0(r['ttft50'])} ms | {f0(r['ttft90'])} ms | "
+        print(f"| {r['label']} | {f0(r['ttft50'])} ms | {f0(r['ttft90'])} ms | "
               f"{f0(r['ttft99'])} ms | {f0(r['e2e50'])} ms | {f0(r['e2e99'])} ms | "
               f"{r['tps']:.0f} | {r['n']} / {r['failed']} | {pc(r['hit'])} | {r['lora_loads']} |")
     bounds = [r["bound"] for r in rows]
@@ -495,7 +586,7 @@ def report(args: argparse.Namespace, convs: List[Conversation], systems: List[st
     print(f"| perfect router (bound) | | | | | | | | {shown} | |")
     print()
     print(BOUND + "; computed on each algorithm's own run: "
-          + ", ".join(f"{SHORT[r['algorithm']]} {pc(r['bound'])}" for r in rows) + ".")
+          + ", ".join(f"{r['label']} {pc(r['bound'])}" for r in rows) + ".")
     print()
     print("per simulator (a/b/c/d): requests | prefix hit rate | TTFT p90 (simulator's) "
           "| LoRA loads | prefill lane busy (uncached tokens x cost / the run's span)")
@@ -504,16 +595,20 @@ def report(args: argparse.Namespace, convs: List[Conversation], systems: List[st
         scorer = r["gateway"].get("scorer")
         extra = (f"; scorer: {scorer['picks_with_prefix_match']}/{scorer['picks']} picks "
                  f"matched a prefix") if scorer else ""
-        print(f"- {SHORT[r['algorithm']]}: "
+        print(f"- {r['label']}: "
               + "/".join(str(s["completed"]) for s in sims) + " | "
               + "/".join(pc(s["prefix_hit_rate"]) for s in sims) + " | "
               + "/".join(f0(s["ttft_ms"]["p90"]) for s in sims) + " ms | "
               + "/".join(str(s["lora_loads"]) for s in sims) + " | "
               + "/".join(f"{100 * b:.0f}%" for b in r["busy"])
               + f"; TTFT p90 base {f0(r['base_ttft90'])} ms, LoRA {f0(r['lora_ttft90'])} ms"
-              + f"; not sent {r['skipped']}"
+              + f"; not sent {r['skipped']}; turns on another process than the "
+                f"previous one {pc(r['moved'])}"
               + (f"; errors {r['errors']}" if r["errors"] else "")
               + f"; phase wall {r['wall']:.0f} s{extra}")
+    if len({r["shape"] for r in rows}) > 1:
+        scaling(rows)
+        return
     by = {r["algorithm"]: r for r in rows}
     inf = by.get("inference")
     if inf is None:
@@ -531,6 +626,21 @@ def report(args: argparse.Namespace, convs: List[Conversation], systems: List[st
           f"{TARGET_HIT_GAP_POINTS:g}: {'met' if gap <= TARGET_HIT_GAP_POINTS else 'missed'})")
 
 
+def scaling(rows: List[Dict[str, Any]]) -> None:
+    """Each shape against the first (one gateway of one worker)."""
+    base = rows[0]
+    print()
+    for r in rows[1:]:
+        if r["algorithm"] != base["algorithm"]:
+            continue
+        target = TARGET_GATEWAYS_TTFT if r["shape"].gateways > 1 else TARGET_WORKERS_TTFT
+        over = r["ttft90"] / base["ttft90"] - 1
+        print(f"TTFT p90, {r['label']} vs {base['label']}: {f0(r['ttft90'])} vs "
+              f"{f0(base['ttft90'])} ms ({100 * over:+.1f}%; target at most "
+              f"+{100 * target:.0f}%: {'met' if over <= target else 'missed'}); prefix hit "
+              f"rate {pc(r['hit'])} vs {pc(base['hit'])}")
+
+
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     if args.quick:
         args.duration = args.duration if args.duration_given else 10.0
@@ -542,7 +652,15 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
             if a not in ALGORITHMS:
                 raise SystemExit(f"unknown algorithm {a!r}: one of {', '.join(ALGORITHMS)}")
     else:
-        algorithms = list(ALGORITHMS)
+        algorithms = ["inference"] if args.scaling else list(ALGORITHMS)
+    if args.scaling:
+        shapes = [Shape(1, 1), Shape(1, max(2, args.workers)), Shape(2, 1)]
+    else:
+        shapes = [Shape(args.gateways, args.workers)]
+    if args.connections is None:
+        # Kept connections pin a conversation to one worker of one gateway:
+        # the scaling runs send each turn on a new one, so turns go anywhere.
+        args.connections = "per-turn" if args.scaling else "keepalive"
     if args.weights:
         json.loads(args.weights)  # a typo fails here, not in the gateway
     systems = system_prompts(args.seed, args.systems, args.system_bytes)
@@ -552,20 +670,29 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     sims = await start_sims(reactor, args)
     ports = [p for _, p in sims]
     rows = []
+    redis: Optional[Child] = None
     try:
         with tempfile.TemporaryDirectory(prefix="routing-bench-") as tmp:
-            for algorithm in algorithms:
-                res = await one_algorithm(reactor, args, algorithm, ports, convs, systems, tmp)
-                row = summarize(args, algorithm, res)
-                rows.append(row)
-                if args.dump:
-                    with open(args.dump, "a") as fh:
-                        for rec in res["records"]:
-                            fh.write(json.dumps({"algorithm": algorithm, **rec}) + "\n")
-                print(f"{algorithm}: {row['n']} requests, TTFT p90 {f0(row['ttft90'])} ms, "
-                      f"hit rate {pc(row['hit'])}, {row['wall']:.0f} s", flush=True)
+            redis_url = ""
+            if any(shape.gateways > 1 for shape in shapes):
+                redis, redis_url = await start_redis(reactor, tmp)
+            for shape in shapes:
+                for algorithm in algorithms:
+                    label = shape.label if args.scaling else SHORT[algorithm] if \
+                        shape == Shape(1, 1) else f"{SHORT[algorithm]}, {shape.label}"
+                    res = await one_algorithm(reactor, args, algorithm, shape, ports, convs,
+                                              systems, tmp, redis_url)
+                    row = summarize(args, algorithm, shape, label, res)
+                    rows.append(row)
+                    if args.dump:
+                        with open(args.dump, "a") as fh:
+                            for rec in res["records"]:
+                                fh.write(json.dumps({"algorithm": algorithm, "shape": label,
+                                                     **rec}) + "\n")
+                    print(f"{label}: {row['n']} requests, TTFT p90 {f0(row['ttft90'])} ms, "
+                          f"hit rate {pc(row['hit'])}, {row['wall']:.0f} s", flush=True)
     finally:
-        await stop_children(reactor, *[c for c, _ in sims])
+        await stop_children(reactor, *[c for c, _ in sims], *([redis] if redis else []))
     report(args, convs, systems, rows)
     print(f"\nwall time: {reactor.seconds() - t0:.0f} s", flush=True)
 
@@ -595,6 +722,18 @@ def routing_args(p: argparse.ArgumentParser) -> None:
                         "balancer.prefix_capacity_blocks=200")
     p.add_argument("--gateway-set", action="append", default=[], metavar="KEY=VALUE",
                    help="one more --set for every gateway (repeatable)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server.workers of each gateway (default 1; with --scaling, the "
+                        "workers of the second shape, at least 2)")
+    p.add_argument("--gateways", type=int, default=1, choices=(1, 2),
+                   help="gateways, sharing a redis-server started for the run when 2 "
+                        "(default 1)")
+    p.add_argument("--scaling", action="store_true",
+                   help="the inference scorer as 1 gateway of 1 worker, 1 gateway of "
+                        "--workers workers and 2 gateways sharing Redis")
+    p.add_argument("--connections", choices=("keepalive", "per-turn"), default=None,
+                   help="a conversation keeps its connection, or opens one per turn (to the "
+                        "gateways in turn); default keepalive, per-turn with --scaling")
     p.add_argument("--dump", default="", metavar="FILE",
                    help="append every request's record (JSON lines) to FILE")
     g = p.add_argument_group("workload shape")

@@ -161,6 +161,15 @@ class CacheConfig:
 
 
 @frozen
+class ClusterConfig:
+    redis_url: str = setting("", restart=True,
+                             help="redis://[:password@]host:port/db through which gateways share "
+                                  "their scheduling state (prefix index, loads, latency samples) "
+                                  "with the inference balancer (empty: cache.redis_url; off: "
+                                  "none)")
+
+
+@frozen
 class SslConfig:
     enabled: bool = setting(False, restart=True, help="serve HTTPS on server.ssl_port")
     cert_file: str = setting("", cli="--cert", restart=True, help="PEM certificate (chain) file")
@@ -315,6 +324,7 @@ class Config:
     server: ServerConfig = field(factory=ServerConfig)
     backends: Tuple[BackendConfig, ...] = field(default=())
     cache: CacheConfig = field(factory=CacheConfig)
+    cluster: ClusterConfig = field(factory=ClusterConfig)
     ssl: SslConfig = field(factory=SslConfig)
     logging: LoggingConfig = field(factory=LoggingConfig)
     health: HealthConfig = field(factory=HealthConfig)
@@ -835,13 +845,16 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
                          or any(c.isspace() for c in path)):
                 errors.append(f"backends[{i}].{name} = {_show(path)} "
                               f"({merged['backends'].source}): a path starting with /")
-    if cfg.cache.redis_url:
-        from ntonix.cache.redis_client import parse_redis_url
-        try:
-            parse_redis_url(cfg.cache.redis_url)
-        except ValueError as e:
-            src = merged["cache.redis_url"].source
-            errors.append(f"cache.redis_url = {_show(cfg.cache.redis_url)} ({src}): {e}")
+    urls = [("cache.redis_url", cfg.cache.redis_url)]
+    if cfg.cluster.redis_url != "off":  # off: no sharing through Redis
+        urls.append(("cluster.redis_url", cfg.cluster.redis_url))
+    for key, url in urls:
+        if url:
+            from ntonix.cache.redis_client import parse_redis_url
+            try:
+                parse_redis_url(url)
+            except ValueError as e:
+                errors.append(f"{key} = {_show(url)} ({merged[key].source}): {e}")
     for tenant, cls in cfg.tenants.classes.items():
         src = merged["tenants.classes"].source
         if not isinstance(cls, dict) or set(cls) - {"priority", "weight"}:
@@ -895,6 +908,14 @@ def load(
     layers.append(cli)
     return build(layers, source_file=path, warnings=warnings)
 
+
+
+def cluster_redis_url(cfg: Config) -> str:
+    """The Redis that gateways share scheduling state through ("" for none)."""
+    url = cfg.cluster.redis_url
+    if url == "off":
+        return ""
+    return url or cfg.cache.redis_url
 
 
 def flag_settings() -> Dict[str, str]:

@@ -67,6 +67,9 @@ class Gateway:
         self.draining = False
         # Called after the backend list changes (the health checker listens).
         self.on_backends_changed: List[Callable[[], None]] = []
+        # The scheduler events this process shares with its other workers
+        # and other gateways (ntonix/share/), when it has any: set at start.
+        self.share: Any = None
         self._set_backends(config.backends)
 
     @property
@@ -186,6 +189,8 @@ class Gateway:
         """A request to ``backend`` ended: a waiting request may take its
         slot, and a removed backend may now go."""
         self.admission.released()
+        if self.share is not None:
+            self.share.loads_changed()
         if backend.removed and backend.in_flight == 0 \
                 and backend in self.backends:
             self.backends = [b for b in self.backends if b is not backend]
@@ -224,7 +229,8 @@ class Gateway:
         model = model if isinstance(model, str) else None
         return RouteContext(model,
                             block_hashes(data, bal.prefix_block_bytes, bal.prefix_max_blocks),
-                            len(data), stream, adapter=model in self.adapters)
+                            len(data), stream, adapter=model in self.adapters,
+                            share=self.share)
 
     def models_changed(self) -> None:
         """A backend's reported list changed: recompute the adapters."""

@@ -25,6 +25,7 @@ from ntonix.observe.logs import make_observer
 from ntonix.routing.health import HealthChecker
 from ntonix.routing.scrape import MetricsScraper
 from ntonix.services import DemoBackendsService, DrainService, ListenerService, ReloadService
+from ntonix.share import share_gateway, share_supervisor
 from ntonix.sockets import listen_direct
 from ntonix.tls import ServerTLS, tls_wanted
 from ntonix.upstream.client import TrustError
@@ -181,6 +182,7 @@ def build_supervisor(config: cfgmod.Config, reactor: Any, count: int, args: List
         ListenerService(reactor, config.admin.http_port, config.admin.http_bind, admin_site,
                         "admin api").setServiceParent(top)
     sup.setServiceParent(top)
+    share_supervisor(top, sup, config, reactor)
     top.supervisor = sup
     return top
 
@@ -273,6 +275,7 @@ def build_service(config: cfgmod.Config, reactor: Any,
         HealthChecker(gateway, reactor).setServiceParent(top)
         MetricsScraper(gateway, reactor).setServiceParent(top)
     CacheSweeper(gateway.cache, reactor).setServiceParent(top)
+    share_gateway(top, gateway, config, reactor, worker)
     reload_service = None
     if reloader is not None:
         reload_service = ReloadService(reactor, gateway, reloader,

@@ -72,6 +72,10 @@ def backends_json(gateway: "Gateway") -> Dict[str, Any]:
     scorer = getattr(gateway.balancer, "as_json", None)
     if scorer is not None:
         doc["scorer"] = scorer()
+    share = getattr(gateway, "share", None)
+    if share is not None:
+        # What this process shares with its other workers and gateways.
+        doc["share"] = share.as_json()
     return doc
 
 

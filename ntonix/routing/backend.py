@@ -69,6 +69,11 @@ class Backend:
     scrape_failures: int = 0
     # Prompt tokens sent there whose prefill has not ended (an estimate).
     pending_prefill: int = 0
+    # The same two counts from this gateway's other workers and from other
+    # gateways (ntonix/share/): load terms for the scorer only, never
+    # for this process's limits, which count its own requests.
+    peer_in_flight: int = 0
+    peer_prefill: int = 0
     latency: LatencyModel = attrs.Factory(LatencyModel)
     # Derived from host and port (which never change: they are the
     # backend's identity), computed once rather than per request.
@@ -115,9 +120,10 @@ class Backend:
 
     def set_load(self, load: ScrapedLoad) -> None:
         self.load = load
-        # Ours are counted by in_flight as they start and end; the page
-        # only tells what the others add.
-        self.scraped_others = max(0.0, load.running + load.waiting - self.in_flight)
+        # Ours and our peers' are counted by in_flight and peer_in_flight
+        # as they change; the page only tells what the others add.
+        self.scraped_others = max(0.0, load.running + load.waiting - self.in_flight
+                                  - self.peer_in_flight)
         self.scraped_at = load.at
 
     def all_models(self) -> FrozenSet[str]:
@@ -154,6 +160,8 @@ class Backend:
             "models": sorted(self.all_models()) if self.models_known else None,
             "health_path": self.probe_path or self.health_path or None,
             "pending_prefill_tokens": self.pending_prefill,
+            "peer_in_flight": self.peer_in_flight,
+            "peer_prefill_tokens": self.peer_prefill,
             "scraped": self.load.as_json(b.now()) if self.load is not None else None,
             "scrape_error": self.scrape_error,
             "latency_model": self.latency.as_json(),

@@ -6,7 +6,9 @@ prefill + w_lora * lora``, every term in 0..1:
 - prefix: the share of the prompt's leading blocks the prefix index predicts
   the backend still holds (those are not prefilled again);
 - queue: how far below the busiest candidate its load is, the load being its
-  requests in flight from this gateway plus, while its last scrape is fresh,
+  requests in flight from this gateway (this process's, plus what its other
+  workers and the other gateways last said of theirs: ``peer_in_flight``,
+  see ``ntonix/share/``) plus, while its last scrape is fresh,
   the running + waiting requests its metrics reported beyond ours (other
   gateways' and clients'), over the larger of the candidates' spread and
   their mean load + 1 (so one request more than an idle backend is not the
@@ -54,6 +56,9 @@ class RouteContext:
     prefill_open: bool = False
     matched_blocks: int = 0
     output_events: int = 0
+    # Where this request's scheduler events go for the other workers and
+    # gateways (share.SchedulerShare), None when there are none.
+    share: Any = None
 
 
 class InferenceScorer:
@@ -89,7 +94,7 @@ class InferenceScorer:
         then picked for real, alone."""
         best = self.pick(candidates, None, ctx, commit=False)
         rest = sorted((b for b in candidates if b is not best),
-                      key=lambda b: (b.in_flight + 1) / b.weight)
+                      key=lambda b: (b.in_flight + b.peer_in_flight + 1) / b.weight)
         return [best, *rest] if best is not None else rest
 
     def pick(self, candidates: Iterable[Backend],
@@ -101,7 +106,8 @@ class InferenceScorer:
             return None
         if ctx is None:
             # No prompt to place (an embedding, a pass-through): least loaded.
-            return min(pool, key=lambda b: ((b.in_flight + 1) / b.weight, self.rng.random()))
+            return min(pool, key=lambda b: ((b.in_flight + b.peer_in_flight + 1) / b.weight,
+                                            self.rng.random()))
         w = self.model_weights.get(ctx.model, self.weights) if ctx.model else self.weights
         wp, wq, wf, wl = w["prefix"], w["queue"], w["prefill"], w["lora"]
         n_blocks = len(ctx.hashes)
@@ -111,9 +117,10 @@ class InferenceScorer:
 
         # Comprehensions: at a hundred candidates, appends in a loop cost
         # more than the scoring itself.
-        loads = [(b.in_flight + b.scraped_others) / b.weight if b.scraped_at >= fresh_after
-                 else b.in_flight / b.weight for b in pool]
-        prefills = [b.pending_prefill / b.weight for b in pool]
+        loads = [(b.in_flight + b.peer_in_flight + b.scraped_others) / b.weight
+                 if b.scraped_at >= fresh_after else (b.in_flight + b.peer_in_flight) / b.weight
+                 for b in pool]
+        prefills = [(b.pending_prefill + b.peer_prefill) / b.weight for b in pool]
         total = sum(loads)
         qmin, qmax = min(loads), max(loads)
         fmin, fmax = min(prefills), max(prefills)
@@ -157,7 +164,7 @@ class InferenceScorer:
 
     def _tie_key(self, b: Any, ctx: RouteContext, matches: Mapping[Any, int]) -> float:
         uncached = self._uncached(ctx, matches.get(b, 0))
-        predicted = b.latency.predict_ttft(uncached, b.in_flight)
+        predicted = b.latency.predict_ttft(uncached, b.in_flight + b.peer_in_flight)
         # A random part below any real difference of prediction.
         jitter = self.rng.random() * 1e-6
         return (predicted if predicted is not None else 0.0) + jitter
@@ -171,11 +178,14 @@ class InferenceScorer:
             self.prefix_hits += 1
         ctx.matched_blocks = matched
         ctx.uncached_tokens = self._uncached(ctx, matched)
-        ctx.ahead = b.in_flight
+        ctx.ahead = b.in_flight + b.peer_in_flight
         ctx.prefill_open = True
         b.pending_prefill += ctx.uncached_tokens
         if ctx.hashes:
             self.index.add(b, ctx.hashes)
+        share = ctx.share
+        if share is not None:
+            share.picked(b, ctx.hashes)
 
     def as_json(self) -> Dict[str, Any]:
         return {"picks": self.picks, "picks_with_prefix_match": self.prefix_hits,
@@ -191,9 +201,14 @@ def prefill_ended(b: Backend, ctx: RouteContext, seconds: float) -> None:
         return
     ctx.prefill_open = False
     b.pending_prefill -= ctx.uncached_tokens
+    share = ctx.share
     if ctx.stream:
         b.latency.observe_ttft(ctx.uncached_tokens, ctx.ahead, seconds)
-    ctx.ahead = b.in_flight  # from now on: the batch it decodes in
+        if share is not None:
+            share.ttft(b, ctx.uncached_tokens, ctx.ahead, seconds)
+    elif share is not None:
+        share.loads_changed()
+    ctx.ahead = b.in_flight + b.peer_in_flight  # from now on: the batch it decodes in
 
 
 def attempt_ended(b: Backend, ctx: RouteContext, decode_seconds: Optional[float]) -> None:
@@ -202,9 +217,13 @@ def attempt_ended(b: Backend, ctx: RouteContext, decode_seconds: Optional[float]
     if ctx.prefill_open:
         ctx.prefill_open = False
         b.pending_prefill -= ctx.uncached_tokens
-        return
+        return  # the gateway's released() tells the share
     # Events other than tokens: the role chunk, the last one, [DONE].
     tokens = ctx.output_events - 2
     if decode_seconds is not None and tokens > 1:
-        running = (ctx.ahead + b.in_flight) / 2 + 1
-        b.latency.observe_tpot(running, decode_seconds / (tokens - 1))
+        running = (ctx.ahead + b.in_flight + b.peer_in_flight) / 2 + 1
+        per_token = decode_seconds / (tokens - 1)
+        b.latency.observe_tpot(running, per_token)
+        share = ctx.share
+        if share is not None:
+            share.tpot(b, running, per_token)
