@@ -71,8 +71,8 @@ class ServerConfig:
     ssl_port: int = setting(8443, min=0, max=65535, cli="--ssl-port", restart=True,
                             help="HTTPS listening port, used when ssl.enabled")
     workers: str = setting("1", cli="--workers", restart=True, number_ok=True,
-                           help="gateway processes sharing the listening sockets: a number, "
-                                "or auto (one per CPU)")
+                           help="gateway processes, each connection given to the least busy: "
+                                "a number, or auto (one per CPU)")
     threads: int = setting(1, min=1, max=256, cli="--threads", restart=True,
                            help="the seed's name for server.workers (its alias)")
     bind_address: str = setting("0.0.0.0", cli="--bind", restart=True,

@@ -9,16 +9,20 @@ Twisted's buffer (the common case: the socket takes it all) and hand anything
 left over to Twisted's own machinery, which then owns ordering, flow control
 and producer pausing exactly as before. They are built by ``DirectWritePort``
 and ``DirectWriteConnector``, the same classes ``listenTCP``/``connectTCP``
-use, with only the transport class changed.
+use, with only the transport class changed; ``adopt_direct`` builds one for
+a connection accepted by another process (the workers' supervisor).
 
 Plain TCP only: under TLS, the TLS layer writes ciphertext through the same
 transport, so its order is kept too, but the listener for HTTPS keeps
 Twisted's default transport; its cost is dominated by encryption.
 """
 
+import itertools
+import socket
 from typing import Any, Callable, Iterable, Optional
 
 from twisted.internet import tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.posixbase import PosixReactorBase
 
 
@@ -106,6 +110,28 @@ def listen_direct(reactor: Any) -> Callable[..., Any]:
         return p
 
     return listen
+
+
+_adopted = itertools.count()
+
+
+def adopt_direct(reactor: Any, skt: socket.socket, factory: Any) -> Optional[DirectWriteServer]:
+    """Serve a connection accepted elsewhere with a transport that writes at
+    once: what ``reactor.adoptStreamConnection`` does (it builds Twisted's
+    ``tcp.Server`` from the socket the same way), with this module's
+    transport class. The transport takes ``skt``; its peer address is the
+    client's, read from the socket."""
+    peer = skt.getpeername()
+    address = (IPv6Address if skt.family == socket.AF_INET6 else IPv4Address)("TCP", *peer)
+    protocol = factory.buildProtocol(address)
+    if protocol is None:
+        skt.close()
+        return None
+    transport = DirectWriteServer(skt, protocol, peer, None, next(_adopted), reactor)
+    # tcp.Server names itself after its listening port, which it has none of here.
+    transport.repstr = f"<{type(protocol).__name__} #{transport.sessionno} adopted>"
+    protocol.makeConnection(transport)
+    return transport
 
 
 def connect_direct(reactor: Any, host: str, port: int, factory: Any, timeout: float,

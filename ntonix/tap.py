@@ -296,14 +296,13 @@ def build_service(config: cfgmod.Config, reactor: Any,
         admin_site = GatewayServer(Router(gateway, admin=True), limits, reactor)
         ListenerService(reactor, config.admin.http_port, config.admin.http_bind, admin_site,
                         "admin api").setServiceParent(top)
-    http_listen = listen_direct(reactor) if worker is None else worker.adopt(reactor,
-                                                                              worker.http_fd)
+    # A worker takes its connections from the supervisor (workers/accept.py).
+    http_listen = listen_direct(reactor) if worker is None else worker.take(reactor, "http", site)
     ListenerService(reactor, config.server.port, config.server.bind_address, site,
                     "http", listen=http_listen, gateway=gateway).setServiceParent(top)
     if tls is not None:
         # The same site behind TLS: identical routes, limits and streaming.
-        https_listen = None if worker is None or worker.https_fd is None \
-            else worker.adopt(reactor, worker.https_fd)
+        https_listen = None if worker is None else worker.take(reactor, "https", site)
         ListenerService(reactor, config.server.ssl_port, config.server.bind_address,
                         TLSMemoryBIOFactory(tls, False, site), "https", listen=https_listen,
                         gateway=gateway).setServiceParent(top)

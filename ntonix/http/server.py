@@ -19,7 +19,7 @@ has its own (first token, stream idle).
 """
 
 from collections import deque
-from typing import Any, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 import attrs
 import httptools
@@ -150,7 +150,7 @@ class HTTPServerProtocol(Protocol):
         if self.abort_timer is not None and self.abort_timer.active():
             self.abort_timer.cancel()
         self.abort_timer = None
-        self.factory.channels.discard(self)
+        self.factory.connection_lost(self)
         self.closing = True
         self.queue.clear()
         current, self.current = self.current, None
@@ -508,6 +508,9 @@ class GatewayServer(Factory):
         self.clock = clock
         self.channels: "set[HTTPServerProtocol]" = set()
         self.connections_total = 0
+        # Told when a connection opens or closes: a worker reports its count
+        # to the supervisor, which gives new connections to the least busy.
+        self.on_connections: Optional[Callable[[], None]] = None
         # How late a deadline may be noticed: a small share of the shortest.
         self.deadlines = DeadlineSweep(
             clock, min(0.25, limits.header_timeout / 8, limits.body_timeout / 8), self.channels)
@@ -518,3 +521,10 @@ class GatewayServer(Factory):
     def connection_made(self, channel: HTTPServerProtocol) -> None:
         self.connections_total += 1
         self.deadlines.add(channel)
+        if self.on_connections is not None:
+            self.on_connections()
+
+    def connection_lost(self, channel: HTTPServerProtocol) -> None:
+        self.channels.discard(channel)
+        if self.on_connections is not None:
+            self.on_connections()

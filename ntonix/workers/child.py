@@ -1,7 +1,15 @@
-"""A worker process: the whole gateway, serving on listening sockets its
-supervisor opened and passed down, and talking to it over stdin/stdout.
+"""A worker process: the whole gateway, serving the connections its
+supervisor accepted and passed down, and talking to it over stdin/stdout.
 
-    python -m ntonix.workers.child --index 1 --http-fd 3 [--https-fd 4] -- <ntonix options>
+    python -m ntonix.workers.child --index 1 --accept-fd 3 --family 2 \
+        --http-address HOST:PORT [--https-address HOST:PORT] -- <ntonix options>
+
+The supervisor alone listens; it sends each connection it accepts, with a
+tag saying HTTP or HTTPS, to the worker with the fewest open connections,
+over the socket pair whose end this worker has as ``--accept-fd``
+(``accept.py``). The worker adopts each one into its reactor, reports how
+many it has open, and on stop closes its end: the connections it no longer
+takes go to the other workers.
 
 Worker 0 also runs the health checks, the metrics scrapes and the SSH
 console; the supervisor copies its view of the backends to the others, so
@@ -11,16 +19,16 @@ supervisor relays.
 
 import argparse
 import json
-import os
 import socket
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import attrs
 from twisted.internet import stdio
 from twisted.logger import Logger, globalLogBeginner
 
 from ntonix.http.routes import backends_json
+from ntonix.workers.accept import Receiver
 from ntonix.workers.admin import SupervisorView
 from ntonix.workers.channel import Channel
 from ntonix.workers.slots import SlotClient
@@ -33,10 +41,12 @@ class WorkerContext:
     """What build_service needs to know to run as a worker."""
 
     index: int
-    http_fd: int
-    https_fd: Optional[int] = None
+    accept_fd: int  # its end of the socket pair the connections come through
     family: int = socket.AF_INET
+    # label -> the supervisor's listening address (host, port), for the logs.
+    addresses: Dict[str, Tuple[str, int]] = attrs.Factory(dict)
     channel: Any = None  # to the supervisor, once open
+    receiver: Optional[Receiver] = None
     # What the supervisor may ask this worker beyond the built-in ops:
     # op -> handler(message) -> reply (the fleet's modules add theirs).
     handlers: Dict[str, Any] = attrs.Factory(dict)
@@ -53,14 +63,23 @@ class WorkerContext:
         answer (this worker's own figures are only a part of it)."""
         return SupervisorView(self, clock)
 
-    def adopt(self, reactor: Any, fd: int) -> Any:
-        def listen(port: int, factory: Any, interface: str = "", backlog: int = 0) -> Any:
-            adopted = reactor.adoptStreamPort(fd, self.family, factory)
-            # The port has its own copy: with this one open the socket would
-            # still accept after the worker stops listening.
-            os.close(fd)
-            return adopted
-        return listen
+    def tell(self, op: str, **args: Any) -> None:
+        if self.channel is not None:
+            self.channel.tell(op, **args)
+
+    def take(self, reactor: Any, label: str, site: Any) -> Callable[..., Any]:
+        """``ListenerService``'s listen function for ``label`` ("http" or
+        "https"): connections from the supervisor instead of a socket of
+        its own. ``site`` counts this worker's open connections."""
+        if self.receiver is None:
+            self.receiver = Receiver(reactor, self.accept_fd, self.family, site, self.tell,
+                                     self.addresses)
+        return self.receiver.listener(label)
+
+
+def parse_address(text: str) -> Tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
 
 
 def for_worker(config: Any, index: int) -> Any:
@@ -141,9 +160,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     p = argparse.ArgumentParser(prog="ntonix-worker")
     p.add_argument("--index", type=int, required=True)
-    p.add_argument("--http-fd", type=int, required=True)
-    p.add_argument("--https-fd", type=int, default=None)
+    p.add_argument("--accept-fd", type=int, required=True)
     p.add_argument("--family", type=int, default=int(socket.AF_INET))
+    p.add_argument("--http-address", type=parse_address, required=True)
+    p.add_argument("--https-address", type=parse_address, default=None)
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
@@ -151,7 +171,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     options = tap.Options()
     options.parseOptions(rest)
     config = for_worker(tap.load_config(options), args.index)
-    ctx = WorkerContext(args.index, args.http_fd, args.https_fd, args.family)
+    addresses = {"http": args.http_address}
+    if args.https_address is not None:
+        addresses["https"] = args.https_address
+    ctx = WorkerContext(args.index, args.accept_fd, args.family, addresses)
     top = tap.build_service(config, reactor,
                             lambda: for_worker(tap.read_config(options), args.index),
                             log_stream=sys.stderr, worker=ctx)

@@ -1,9 +1,10 @@
 """The supervising parent of ``server.workers`` > 1.
 
-It binds the HTTP (and HTTPS) listening sockets itself and starts N worker
-processes that adopt them (``reactor.adoptStreamPort``): the kernel spreads
-the connections over the workers. It owns the admin listener, where
-``/metrics`` sums the workers' figures, and it keeps the workers in step:
+It binds the HTTP (and HTTPS) listening sockets, starts N worker processes,
+and is the only one to accept on those sockets: each new connection goes to
+the worker with the fewest open connections, over a socket pair of its own
+(``accept.py``). It owns the admin listener, where ``/metrics`` sums the
+workers' figures, and it keeps the workers in step:
 
 - a worker that dies is started again, after 0.5 s doubling to 30 s while it
   keeps dying (reset once one has lived a minute), and logged;
@@ -14,7 +15,8 @@ the connections over the workers. It owns the admin listener, where
 - SIGHUP is passed on as a reload to every worker, each answering whether it
   took the new configuration;
 - on stop (SIGTERM) every worker drains as a single gateway does, within
-  ``server.shutdown_timeout_seconds``, then the sockets close.
+  ``server.shutdown_timeout_seconds``; the listening sockets close when the
+  last worker stops taking connections (after ``server.drain_delay_seconds``).
 
 Parent and workers talk in netstrings over the workers' stdin and stdout
 (``channel.py``); the workers' logs come through their stderr.
@@ -32,6 +34,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ntonix.workers.accept import Dispatcher, Target
 from ntonix.workers.broker import SlotBroker
 from ntonix.workers.channel import Channel
 from ntonix.workers.merge import merge_expositions
@@ -108,6 +111,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.pid: Optional[int] = None
         self.ended: defer.Deferred = defer.Deferred()
         self.alive = True
+        self.target: Optional[Target] = None  # where its connections go
         self._log_tail = b""
 
     def connectionMade(self) -> None:
@@ -145,6 +149,7 @@ class Supervisor(Service):
         self.restarts: Dict[int, int] = {}
         self.failures: Dict[int, int] = {}
         self.sockets: Dict[str, socket.socket] = {}
+        self.dispatcher: Optional[Dispatcher] = None
         self.stopping = False
         self.sync_loop: Optional[LoopingCall] = None
         self._previous_hup: Any = None
@@ -161,6 +166,11 @@ class Supervisor(Service):
             "slot_release": lambda proc, msg: self.broker.release(proc.index, msg),
             "slot_cancel": lambda proc, msg: self.broker.cancel(proc.index, msg)})
         self.on_worker_ended.append(lambda proc: self.broker.worker_ended(proc.index))
+        # Each worker's count of open connections, for the choice of worker.
+        self.handlers["connections"] = self._connections
+        self.on_worker_ended.append(
+            lambda proc: self.dispatcher.remove(proc.target)
+            if self.dispatcher is not None and proc.target is not None else None)
         # The latest metrics page of each worker, and those of replaced ones.
         self.last_metrics: Dict[int, str] = {}
         self.retired_metrics: List[str] = []
@@ -179,6 +189,7 @@ class Supervisor(Service):
             host, port = sock.getsockname()[:2]
             log.info("{label} listening on {host}:{port} ({n} workers)", label=label,
                      host=host, port=port, n=self.count)
+        self.dispatcher = Dispatcher(self.reactor, self.sockets)
         for i in range(self.count):
             self.spawn(i)
         interval = max(0.05, self.config.health.interval_seconds / 2)
@@ -211,19 +222,31 @@ class Supervisor(Service):
             self.reactor.stop()
 
     def spawn(self, index: int) -> None:
+        assert self.dispatcher is not None
         http = self.sockets["http"]
+        # fd 3: the worker's end of its socket pair, where its connections come.
         argv = [sys.executable, "-m", "ntonix.workers.child", "--index", str(index),
-                "--http-fd", "3", "--family", str(int(http.family))]
-        fds = {0: "w", 1: "r", 2: "r", 3: http.fileno()}
-        if "https" in self.sockets:
-            argv += ["--https-fd", "4"]
-            fds[4] = self.sockets["https"].fileno()
+                "--accept-fd", "3", "--family", str(int(http.family))]
+        for label, sock in self.sockets.items():
+            host, port = sock.getsockname()[:2]
+            argv += [f"--{label}-address", f"{host}:{port}"]
         argv += ["--", *self.args]
         proc = WorkerProcess(self, index)
+        proc.target = self.dispatcher.add_worker(index)
+        fds = {0: "w", 1: "r", 2: "r", 3: proc.target.worker_fileno()}
         self.workers[index] = proc
-        self.reactor.spawnProcess(proc, sys.executable, argv, env=dict(os.environ),
-                                  childFDs=fds)
+        try:
+            self.reactor.spawnProcess(proc, sys.executable, argv, env=dict(os.environ),
+                                      childFDs=fds)
+        except Exception:
+            self.dispatcher.remove(proc.target)
+            raise
         log.info("worker {index} started (pid {pid})", index=index, pid=proc.pid)
+
+    def _connections(self, proc: WorkerProcess, msg: Dict[str, Any]) -> None:
+        if self.dispatcher is not None and proc.target is not None:
+            self.dispatcher.report(proc.target, int(msg["open"]), int(msg["taken"]),
+                                   bool(msg.get("taking", True)))
 
     def ended(self, proc: WorkerProcess, why: Any) -> None:
         for listener in list(self.on_worker_ended):
@@ -328,15 +351,17 @@ class Supervisor(Service):
         except ValueError:
             pass
         procs = [p for p in self.workers.values() if p.alive]
+        # Accepting goes on while some worker still takes connections (its
+        # drain delay); once none does, new connections are refused, as by
+        # one draining gateway.
+        dispatcher = self.dispatcher
+        if dispatcher is not None:
+            dispatcher.stop_after_workers()
         for p in procs:
             try:
                 p.transport.signalProcess("TERM")  # each drains, as one gateway does
             except Exception:
                 pass
-        # New connections are refused at once, as by one draining gateway
-        # (the workers close their copies as they stop listening).
-        for sock in self.sockets.values():
-            sock.close()
         s = self.config.server
         grace = s.shutdown_timeout_seconds + s.drain_delay_seconds + 5.0
         waited = defer.DeferredList([p.ended for p in procs], consumeErrors=True)
@@ -355,13 +380,23 @@ class Supervisor(Service):
             return defer.DeferredList([p.ended for p in late], consumeErrors=True) \
                 .addTimeout(5.0, self.reactor).addErrback(lambda _: None)
 
-        return waited.addBoth(kill).addBoth(lambda _: None)
+        def closed(_: Any) -> None:
+            if dispatcher is not None:
+                dispatcher.close()
+
+        return waited.addBoth(kill).addBoth(closed)
 
     def as_json(self) -> List[Dict[str, Any]]:
         now = self.reactor.seconds()
+        loads = self.dispatcher.loads() if self.dispatcher is not None else {}
+        # accepting: the worker is given new connections (from its first
+        # report until it stops taking them); connections_open: what the
+        # choice of worker counts (its last report, plus what it was handed
+        # since).
         return [{"index": i, "pid": p.pid, "alive": p.alive,
                  "uptime_seconds": round(now - p.started_at, 3),
-                 "restarts": self.restarts.get(i, 0)} for i, p in sorted(self.workers.items())]
+                 "restarts": self.restarts.get(i, 0), "accepting": i in loads,
+                 "connections_open": loads.get(i, 0)} for i, p in sorted(self.workers.items())]
 
 
 def queue_over(fleet: List[Dict[str, Any]], balancer: Any) -> List[str]:

@@ -1,16 +1,23 @@
-"""server.workers: a supervising twistd process, worker processes adopting
-its sockets, through the real plugin."""
+"""server.workers: a supervising twistd process that accepts every
+connection and hands it to the least busy worker process, through the real
+plugin."""
 
+import http.client
 import json
 import os
+import re
 import signal
+import ssl
+from collections import Counter
 
 import pytest_twisted
 import treq
 from twisted.internet import defer
+from twisted.internet.threads import deferToThread
 
+from certs import issue, make_ca, write_ca, write_pair
 from harness import (JSON, chat_body, http_client, raw_connect, raw_post, sleep, start_gateway,
-                     stop_gateway, within)
+                     stop_gateway, until, within)
 
 
 async def workers(gw):
@@ -19,9 +26,11 @@ async def workers(gw):
 
 
 async def until_workers(gw, n, timeout=20.0, exclude=()):
+    """``n`` workers that take connections (started, and reported ready)."""
     waited = 0.0
     while True:
-        ws = [w for w in await workers(gw) if w["alive"] and w["pid"] not in exclude]
+        ws = [w for w in await workers(gw)
+              if w["alive"] and w["accepting"] and w["pid"] not in exclude]
         if len(ws) >= n:
             return ws
         assert waited < timeout, ws
@@ -106,6 +115,32 @@ async def test_sighup_reaches_every_worker(mocks):
         await stop_gateway(gw)
 
 
+def answered_by(received: bytes) -> bytes:
+    """Which worker answered: the per-process prefix of its request ids."""
+    return received.split(b"X-Request-ID: ", 1)[1][:8]
+
+
+def connect_all(port, n):
+    """``n`` connections opened at once; fires when all are connected."""
+    return defer.gatherResults([defer.ensureDeferred(raw_connect(port)) for _ in range(n)])
+
+
+async def refused(port, timeout=5.0):
+    """Connect until the connection is refused; False if it never was."""
+    deadline = timeout
+    while deadline > 0:
+        try:
+            probe = await raw_connect(port)
+        except Exception as e:
+            assert "refused" in str(e).lower(), e
+            return True
+        probe.transport.loseConnection()
+        await within(probe.closed, 5)
+        await sleep(0.02)
+        deadline -= 0.02
+    return False
+
+
 @pytest_twisted.ensureDeferred
 async def test_sigterm_drains_streams_on_every_worker(mocks):
     a, _ = mocks
@@ -114,29 +149,23 @@ async def test_sigterm_drains_streams_on_every_worker(mocks):
                               "--set", "cache.enabled=false"])
     try:
         await until_workers(gw, 2)
-        clients = []
-        for i in range(16):
-            c = await raw_connect(gw.port)
+        clients = await connect_all(gw.port, 16)
+        for i, c in enumerate(clients):
             c.transport.write(raw_post(chat_body(f"stream {i}", stream=True, max_tokens=30),
                                        close=True))
-            clients.append(c)
-            await sleep(0.03)  # one at a time: either worker may take each
-        await sleep(0.2)  # every stream under way
+        # Every stream under way: its first event arrived.
+        await until(lambda: all(b"data: " in c.received for c in clients), timeout=10)
         gw.terminate("TERM")
-        await sleep(0.5)
-        # Draining: streams in progress go on, new connections are refused.
-        try:
-            late = await raw_connect(gw.port)
-        except Exception as e:
-            assert "refused" in str(e).lower(), e
-        else:
-            late.transport.loseConnection()
-            raise AssertionError("a draining gateway still accepted a connection")
+        # Draining: new connections are refused while the streams go on.
+        assert await refused(gw.port), "a draining gateway still accepts connections"
+        assert not all(c.closed.called for c in clients), "the drain was over already"
         await defer.gatherResults([within(c.closed, 20) for c in clients])
         for c in clients:
             assert c.status == 200 and b"data: [DONE]" in c.received, c.received[-200:]
-        prefixes = {c.received.split(b"X-Request-ID: ", 1)[1][:8] for c in clients}
-        assert len(prefixes) == 2, "the streams did not reach both workers"
+        # Both workers carried streams, and as evenly as a burst is promised
+        # to be split (no worker more than 5/8 of them).
+        split = Counter(answered_by(c.received) for c in clients)
+        assert len(split) == 2 and all(6 <= n <= 10 for n in split.values()), split
         await within(gw.ended, 30)  # twistd ends as SIGTERM'd processes do
         out = gw.output.decode()
         assert "did not stop" not in out and "Traceback" not in out, out[-3000:]
@@ -177,6 +206,96 @@ async def test_health_checks_run_once_per_machine_and_every_worker_sees_a_circui
         sent_b = sum(float(line.split()[-1]) for line in text.splitlines()
                      if line.startswith("ntonix_backend_requests_total{") and b.address in line)
         assert sent_b == 0, (sent_b, errors_b)
+    finally:
+        await stop_gateway(gw)
+
+
+async def until_open(gw, n, timeout=5.0):
+    """The workers, once their open connections add up to ``n``."""
+    waited = 0.0
+    while True:
+        ws = await workers(gw)
+        if sum(w["connections_open"] for w in ws) == n:
+            return ws
+        assert waited < timeout, ws
+        await sleep(0.05)
+        waited += 0.05
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_connections_is_split_evenly_between_the_workers(mocks):
+    a, _ = mocks
+    n = 64
+    gw = await start_gateway(["--port", "0", "--backend", a.address, "--set", "server.workers=2",
+                              "--set", "cache.enabled=false"])
+    try:
+        await until_workers(gw, 2)
+        # All connected before any request is sent; each connection then
+        # carries one request and stays open.
+        clients = await connect_all(gw.port, n)
+        for i, c in enumerate(clients):
+            c.transport.write(raw_post(chat_body(f"burst {i}", temperature=0)))
+        await until(lambda: all(b"\r\n\r\n" in c.received for c in clients), timeout=20)
+        assert all(c.status == 200 for c in clients)
+        by_answer = Counter(answered_by(c.received) for c in clients)
+        # The supervisor's view: what it handed out and the workers' reports.
+        ws = await until_open(gw, n)
+        split = [w["connections_open"] for w in ws]
+        print(f"burst of {n}: connections per worker {split}, answers per worker "
+              f"{sorted(by_answer.values())}")
+        assert sum(split) == n, ws
+        assert sorted(split) == sorted(by_answer.values()), (split, by_answer)
+        assert all(24 <= k <= 40 for k in split), split
+        # The workers saw the clients' own address (the access log, and the
+        # X-Forwarded-For the backend got).
+        assert a.stats.last_headers["x-forwarded-for"] == "127.0.0.1"
+        assert b"127.0.0.1 POST /v1/chat/completions 200" in gw.output
+        for c in clients:
+            c.transport.loseConnection()
+        await defer.gatherResults([within(c.closed, 5) for c in clients])
+    finally:
+        await stop_gateway(gw)
+
+
+HTTPS_LISTENING = re.compile(rb"https listening on [0-9.]+:(\d+)")
+
+
+def https_chats(port, ca_file, n):
+    """``n`` chats over HTTPS, each on its own connection: (status, worker)."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    out = []
+    for i in range(n):
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        conn.request("POST", "/v1/chat/completions", body=chat_body(f"tls {i}", temperature=0),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        out.append((r.status, r.getheader("x-request-id")[:8]))
+        conn.close()
+    return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_through_the_supervisor_reaches_both_workers(tmp_path, mocks):
+    a, _ = mocks
+    ca = make_ca()
+    ca_file = write_ca(tmp_path, ca)
+    cert, key = write_pair(tmp_path, "default", issue(ca, ["localhost", "127.0.0.1"]))
+    gw = await start_gateway(["--port", "0", "--ssl-port", "0", "--bind", "127.0.0.1",
+                              "--cert", cert, "--key", key, "--backend", a.address,
+                              "--set", "server.workers=2", "--set", "cache.enabled=false"])
+    try:
+        await until(lambda: HTTPS_LISTENING.search(gw.output) is not None, timeout=5)
+        port = int(HTTPS_LISTENING.search(gw.output).group(1))
+        await until_workers(gw, 2)
+        answers = await deferToThread(https_chats, port, ca_file, 6)
+        assert [status for status, _ in answers] == [200] * 6
+        assert len({w for _, w in answers}) == 2, answers  # both workers serve HTTPS
+        assert a.stats.last_headers["x-forwarded-proto"] == "https"
+        assert a.stats.last_headers["x-forwarded-for"] == "127.0.0.1"
+        # And plain HTTP beside it, on the same workers.
+        r = await chat(gw)
+        assert r.code == 200
     finally:
         await stop_gateway(gw)
 
