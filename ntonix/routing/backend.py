@@ -21,6 +21,9 @@ class ScrapedLoad:
     loras_loaded: FrozenSet[str] = frozenset()
     loras_waiting: FrozenSet[str] = frozenset()
     max_loras: Optional[int] = None
+    # Requests there that are not the fleet's, worked out by the process
+    # that scraped (worker 0) when it scraped; None: work it out on arrival.
+    others: Optional[float] = None
 
     def as_json(self, now: float) -> Dict[str, Any]:
         return {"age_seconds": round(now - self.at, 3), "waiting": self.waiting,
@@ -121,9 +124,15 @@ class Backend:
     def set_load(self, load: ScrapedLoad) -> None:
         self.load = load
         # Ours and our peers' are counted by in_flight and peer_in_flight
-        # as they change; the page only tells what the others add.
-        self.scraped_others = max(0.0, load.running + load.waiting - self.in_flight
-                                  - self.peer_in_flight)
+        # as they change; the page only tells what the others add. A page
+        # copied from worker 0 comes with its count: subtracting this
+        # process's counts of now from a page of half a second ago would
+        # take requests ended since for someone else's.
+        if load.others is not None:
+            self.scraped_others = load.others
+        else:
+            self.scraped_others = max(0.0, load.running + load.waiting - self.in_flight
+                                      - self.peer_in_flight)
         self.scraped_at = load.at
 
     def all_models(self) -> FrozenSet[str]:

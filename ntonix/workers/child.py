@@ -106,7 +106,10 @@ def fleet_of(gateway: Any) -> List[Dict[str, Any]]:
                 "age": gateway.reactor.seconds() - load.at, "waiting": load.waiting,
                 "running": load.running, "kv_usage": load.kv_usage,
                 "loras_loaded": sorted(load.loras_loaded),
-                "loras_waiting": sorted(load.loras_waiting), "max_loras": load.max_loras}})
+                "loras_waiting": sorted(load.loras_waiting), "max_loras": load.max_loras,
+                # Counted when scraped: the others apply it later, when their
+                # own in-flight count no longer matches the page's.
+                "others": b.scraped_others}})
     return out
 
 
@@ -148,7 +151,7 @@ def apply_fleet(gateway: Any, fleet: List[Dict[str, Any]]) -> None:
                                    kv_usage=load["kv_usage"],
                                    loras_loaded=frozenset(load["loras_loaded"]),
                                    loras_waiting=frozenset(load["loras_waiting"]),
-                                   max_loras=load["max_loras"]))
+                                   max_loras=load["max_loras"], others=load.get("others")))
     if changed_models:
         gateway.models_changed()
 

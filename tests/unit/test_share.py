@@ -604,3 +604,21 @@ def test_a_burst_is_cut_to_what_a_peer_takes():
     batch = wire(sent)[0]
     check_batch(batch)  # a peer takes it
     assert len(batch["prefixes"]) == MAX_BLOCKS_PER_BATCH // 60000
+
+
+def test_worker_0s_page_reaches_the_others_with_its_count_of_others():
+    """A page copied to another worker half a second later keeps the count
+    of other clients' requests made when it was scraped: the requests of
+    this gateway that ended since are not taken for someone else's."""
+    from ntonix.workers.child import apply_fleet, fleet_of
+    clock = Clock()
+    clock.advance(100)
+    w0, w1 = gateway(clock, n=1), gateway(clock, n=1)
+    a, b = w0.backends[0], w1.backends[0]
+    a.in_flight, a.peer_in_flight = 2, 3  # worker 0's and worker 1's requests
+    a.set_load(ScrapedLoad(at=clock.seconds(), running=5, waiting=1))
+    assert a.scraped_others == 1
+    clock.advance(0.5)  # the next copy; meanwhile every request of the gateway ended
+    a.in_flight = a.peer_in_flight = 0
+    apply_fleet(w1, json.loads(json.dumps(fleet_of(w0))))
+    assert b.scraped_others == 1 and b.scraped_at == pytest.approx(100.0)
