@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import attrs
 from attrs import field, frozen
 
+from ntonix.cache.redis_url import mask_redis_url, parse_redis_address, parse_redis_url
 from ntonix.http.passthrough import DEFAULT_PASSTHROUGH, entry_problem
 
 ENV_PREFIX = "NTONIX_"
@@ -50,15 +51,17 @@ def setting(
     cli: Optional[str] = None,
     restart: bool = False,
     number_ok: bool = False,
+    secret: bool = False,
 ) -> Any:
     """An attrs field carrying what validation and documentation need.
 
     ``restart`` marks settings that a SIGHUP reload cannot change;
     ``number_ok`` a string setting that also takes a JSON number (``2`` as
-    well as ``"2"`` or ``"auto"``).
+    well as ``"2"`` or ``"auto"``); ``secret`` one whose value is never
+    shown (errors, the console's view of the configuration).
     """
     meta = {"help": help, "min": min, "max": max, "choices": choices, "cli": cli,
-            "restart": restart, "number_ok": number_ok}
+            "restart": restart, "number_ok": number_ok, "secret": secret}
     if factory is not None:
         return field(factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -145,8 +148,9 @@ class CacheConfig:
                           help="replay cached streams at once or at the recorded pace")
     max_entry_mb: float = setting(8, min=0, help="largest single cached answer")
     redis_url: str = setting("", restart=True,
-                             help="redis://[:password@]host:port/db of a Redis shared by "
-                                  "gateways as the second cache tier (empty: none)")
+                             help="redis://[:password@]host:port/db (rediss:// for TLS) of a "
+                                  "Redis shared by gateways as the second cache tier (empty: "
+                                  "none)")
     redis_prefix: str = setting("ntonix:v1:", restart=True,
                                 help="prefix of every key the gateway writes in Redis")
     redis_timeout_seconds: float = setting(0.1, min=0.001, restart=True,
@@ -156,6 +160,15 @@ class CacheConfig:
                                          help="how long a gateway's claim to lead an answer "
                                               "lasts without renewal (a dead leader's "
                                               "followers take over after this)")
+    redis_secret: str = setting("", restart=True, secret=True,
+                                help="key of the HMAC on every entry and live answer in Redis, "
+                                     "16 characters at least; every gateway sharing the Redis "
+                                     "must have the same one (empty: checked but not "
+                                     "authenticated, a warning at start)")
+    redis_ca_file: str = setting("", restart=True,
+                                 help="PEM file of the CA certificates a rediss:// "
+                                      "cache.redis_url's server certificate must chain to "
+                                      "(empty: the system's trust store)")
     cross_format: bool = setting(True, help="serve a cached plain answer to a streamed request "
                                             "(converted) and the reverse")
 
@@ -413,6 +426,8 @@ class Raw:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, str) and "://" in value:
+        value = mask_redis_url(value)  # a URL's user and password are a credential
     return json.dumps(value)
 
 
@@ -430,6 +445,8 @@ def _coerce(key: str, f: attrs.Attribute, raw: Raw) -> Any:
     typ, v, meta = f.type, raw.value, f.metadata
 
     def bad(why: str) -> ConfigError:
+        if meta.get("secret"):
+            return ConfigError([f"{key} ({raw.source}): {why}"])
         return ConfigError([_problem(key, raw, why)])
 
     if typ is bool:
@@ -850,11 +867,18 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
         urls.append(("cluster.redis_url", cfg.cluster.redis_url))
     for key, url in urls:
         if url:
-            from ntonix.cache.redis_client import parse_redis_url
             try:
-                parse_redis_url(url)
+                # Only the cache tier's client speaks TLS (rediss://) so far.
+                (parse_redis_address if key == "cache.redis_url" else parse_redis_url)(url)
             except ValueError as e:
                 errors.append(f"{key} = {_show(url)} ({merged[key].source}): {e}")
+    errors.extend(_redis_trust_problems(cfg, merged))
+    if cfg.cache.redis_url and not cfg.cache.redis_secret:
+        cfg = attrs.evolve(cfg, warnings=(*cfg.warnings, (
+            "cache.redis_url is set and cache.redis_secret is not: entries and live answers "
+            "in Redis are checked but not authenticated, so whoever can write to that Redis "
+            "can choose what every gateway answers (set the same cache.redis_secret on every "
+            "gateway)")))
     for tenant, cls in cfg.tenants.classes.items():
         src = merged["tenants.classes"].source
         if not isinstance(cls, dict) or set(cls) - {"priority", "weight"}:
@@ -908,6 +932,49 @@ def load(
     layers.append(cli)
     return build(layers, source_file=path, warnings=warnings)
 
+
+
+def shown(cfg: Config) -> Dict[str, Any]:
+    """The configuration as it may be shown (the console): settings marked
+    ``secret`` hidden when set, credentials in URLs masked."""
+    def show(_inst: Any, f: Optional[attrs.Attribute], value: Any) -> Any:
+        if f is not None and f.metadata.get("secret") and value:
+            return "(hidden)"
+        if isinstance(value, str) and "://" in value:
+            return mask_redis_url(value)
+        return value
+
+    doc = attrs.asdict(cfg, filter=lambda a, v: a.name not in ("sources",),
+                       value_serializer=show)
+    doc["sources"] = dict(cfg.sources)
+    return doc
+
+
+MIN_REDIS_SECRET = 16
+
+
+def _redis_trust_problems(cfg: Config, merged: Mapping[str, Raw]) -> List[str]:
+    """cache.redis_secret and cache.redis_ca_file; the secret is never shown."""
+    out = []
+    secret = cfg.cache.redis_secret
+    if secret and len(secret) < MIN_REDIS_SECRET:
+        out.append(f"cache.redis_secret ({merged['cache.redis_secret'].source}): "
+                   f"{MIN_REDIS_SECRET} characters at least (python3 -c 'import secrets; "
+                   "print(secrets.token_urlsafe(32))')")
+    ca_file = cfg.cache.redis_ca_file
+    if ca_file:
+        src = merged["cache.redis_ca_file"].source
+        try:
+            with open(ca_file, "rb") as fh:
+                pem = fh.read()
+        except OSError as e:
+            out.append(f"cache.redis_ca_file = {_show(ca_file)} ({src}): cannot be read: "
+                       f"{e.strerror or e}")
+        else:
+            if b"-----BEGIN CERTIFICATE-----" not in pem:
+                out.append(f"cache.redis_ca_file = {_show(ca_file)} ({src}): no PEM "
+                           "certificate in it")
+    return out
 
 
 def cluster_redis_url(cfg: Config) -> str:

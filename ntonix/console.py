@@ -14,7 +14,6 @@ lists them.
 import json
 from typing import Any, Callable, Dict, List, Optional
 
-import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.conch import manhole, manhole_ssh
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
@@ -23,7 +22,7 @@ from twisted.conch.ssh import keys
 from twisted.cred import portal
 from twisted.logger import Logger
 
-from ntonix.config import Config, ConfigError
+from ntonix.config import Config, ConfigError, shown
 
 log = Logger(namespace="ntonix.console")
 
@@ -107,10 +106,8 @@ class Helpers:
 
     def config(self) -> Text:
         """The configuration in force, with where each non-default setting came from."""
-        cfg: Config = self.gateway.config
-        doc = attrs.asdict(cfg, filter=lambda a, v: a.name not in ("sources",))
-        doc["sources"] = cfg.sources
-        return Text(json.dumps(doc, indent=2, default=str))
+        # Shown masked: a console session's screen is not where secrets go.
+        return Text(json.dumps(shown(self.gateway.config), indent=2, default=str))
 
     def reload(self) -> Text:
         """Re-read the configuration file and environment, as SIGHUP does."""

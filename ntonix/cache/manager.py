@@ -9,7 +9,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ntonix.cache.flight import Flight, Replay, converted_entry, feed_from_entry
-from ntonix.cache.redis_client import RedisClient, parse_redis_url
+from ntonix.cache.redis_client import RedisClient
+from ntonix.cache.sealed import Seal
 from ntonix.cache.shared import Follower, Publisher, SharedTier
 from ntonix.cache.store import Entry
 from ntonix.cache.convert import with_usage_as_asked
@@ -59,12 +60,13 @@ class ResponseCache:
         # which holds the deployment's secret).
         self.credential_hash: Callable[[Any], bytes] = lambda request: b""
         if config.redis_url:
-            host, port, db, password = parse_redis_url(config.redis_url)
-            client = RedisClient(clock, host, port, db, password,
-                                 connect_timeout=max(0.2, config.redis_timeout_seconds * 5),
-                                 command_timeout=config.redis_timeout_seconds)
+            client = RedisClient.from_url(
+                clock, config.redis_url, ca_file=config.redis_ca_file or None,
+                connect_timeout=max(0.2, config.redis_timeout_seconds * 5),
+                command_timeout=config.redis_timeout_seconds)
             self.shared = SharedTier(client, config.redis_prefix, clock,
-                                     config.redis_lease_seconds)
+                                     config.redis_lease_seconds,
+                                     Seal(config.redis_secret.encode("utf-8")))
 
     @property
     def enabled(self) -> bool:

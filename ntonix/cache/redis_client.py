@@ -29,20 +29,37 @@ for alive.
 The ``execute()`` connection must not carry commands that change the
 connection's state or block it (SUBSCRIBE, MONITOR, MULTI, BLPOP, SELECT):
 its replies are shared by every caller in order.
+
+``rediss://`` speaks TLS (1.2 at least) with the server's certificate checked
+against the system's trust store or a given CA file, and its name or IP
+address against the URL's host. A URL's password never appears in an error
+or a log line (``mask_redis_url``).
 """
 
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Set, Tuple, Union
-from urllib.parse import unquote, urlsplit
 
 import attrs
+from cryptography import x509
+from OpenSSL import crypto
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
-                                        TCP6ClientEndpoint, connectProtocol)
+                                        TCP6ClientEndpoint, connectProtocol, wrapClientTLS)
 from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import (Certificate, TLSVersion, optionsForClientTLS,
+                                  trustRootFromCertificates)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+# The URL's parsing lives apart (the configuration imports it, and none of
+# the networking); its names are importable from here, as they always were.
+from ntonix.cache.redis_url import (RedisAddress, mask_redis_url, parse_redis_address,
+                                    parse_redis_url)
+
+__all__ = ["RedisClient", "RedisError", "RedisUnavailable", "RedisStats", "Resp2Parser",
+           "RedisAddress", "encode_command", "mask_redis_url", "parse_redis_address",
+           "parse_redis_url", "redis_tls_options"]
 
 log = Logger(namespace="ntonix.cache.redis")
 
@@ -77,47 +94,23 @@ class _ProtocolError(Exception):
     pass
 
 
-def parse_redis_url(url: str) -> Tuple[str, int, int, Optional[str]]:
-    """``redis://[[user]:password@]host[:port][/db]`` -> (host, port, db,
-    password); ValueError with a reason.
-
-    Only the default user is supported (no user, or ``default``): another
-    user would need ``AUTH user password``, and silently logging in as the
-    default user would fail at runtime instead of at configuration time.
-    """
-    if not isinstance(url, str) or not url:
-        raise ValueError("a Redis URL is redis://[[user]:password@]host[:port][/db]")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise ValueError(f"{url!r} is not a valid Redis URL: {e}") from None
-    if parts.scheme == "rediss":
-        raise ValueError(f"{url!r}: rediss:// (TLS) is not supported, use redis://")
-    if parts.scheme != "redis":
-        raise ValueError(f"{url!r}: the scheme must be redis://")
-    if parts.query or parts.fragment:
-        raise ValueError(f"{url!r}: query parameters and fragments are not supported")
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"{url!r}: no host")
-    if port is None:
-        port = 6379
-    elif port == 0:
-        raise ValueError(f"{url!r}: port 0")
-    user = unquote(parts.username) if parts.username else ""
-    if user not in ("", "default"):
-        raise ValueError(f"{url!r}: ACL user {user!r} is not supported (only the default user)")
-    password = unquote(parts.password) if parts.password else None
-    path = parts.path
-    if path in ("", "/"):
-        db = 0
-    else:
-        digits = path[1:]
-        if not digits.isdigit() or not digits.isascii():
-            raise ValueError(f"{url!r}: the database must be a number, got {digits!r}")
-        db = int(digits)
-    return host, port, db, password
+def redis_tls_options(host: str, ca_file: Optional[str] = None) -> Any:
+    """The client TLS options for a Redis at ``host``: its certificate must
+    chain to ``ca_file``'s certificates (PEM), or to the system's trust store
+    when None, and name ``host`` (a DNS name, or an IP address in its
+    subjectAltName). OSError or ValueError when ``ca_file`` does not load."""
+    trust = None
+    if ca_file:
+        with open(ca_file, "rb") as fh:
+            pem = fh.read()
+        try:
+            found = x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            raise ValueError(f"{ca_file}: no PEM certificate") from None
+        trust = trustRootFromCertificates(
+            [Certificate(crypto.X509.from_cryptography(c)) for c in found])
+    return optionsForClientTLS(host, trustRoot=trust,
+                               extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2})
 
 
 def encode_command(args: Tuple[Arg, ...]) -> bytes:
@@ -466,13 +459,18 @@ class RedisClient:
 
     def __init__(self, reactor: Any, host: str, port: int, db: int = 0,
                  password: Optional[str] = None, connect_timeout: float = 1.0,
-                 command_timeout: float = 0.25, pool_size: int = 4) -> None:
+                 command_timeout: float = 0.25, pool_size: int = 4,
+                 tls: Any = None) -> None:
+        """``tls``: an ``IOpenSSLClientConnectionCreator`` (such as
+        ``redis_tls_options(host)``) to speak TLS to Redis; None: plain TCP.
+        ``connect_timeout`` bounds the TLS handshake too."""
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
         self.reactor = reactor
         self.host = host
         self.port = port
         self.db = db
+        self.tls = tls
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.pool_size = pool_size
@@ -496,6 +494,17 @@ class RedisClient:
         # while False, calls do not wait for a connection being made.
         self._healthy = True
         self._last_attempt = float("-inf")
+
+    @classmethod
+    def from_url(cls, reactor: Any, url: str, ca_file: Optional[str] = None,
+                 **options: Any) -> "RedisClient":
+        """A client for ``redis://`` or ``rediss://`` ``url`` (TLS checked
+        against ``ca_file``, else the system's trust store); ``options`` as
+        the constructor's. ValueError or OSError as ``parse_redis_address``
+        and ``redis_tls_options``."""
+        a = parse_redis_address(url)
+        tls = redis_tls_options(a.host, ca_file) if a.tls else None
+        return cls(reactor, a.host, a.port, a.db, a.password, tls=tls, **options)
 
     @property
     def connected(self) -> bool:
@@ -620,13 +629,20 @@ class RedisClient:
     def _endpoint(self) -> Any:
         # IP literals skip name resolution (a thread hop per connection).
         if isIPAddress(self.host):
-            return TCP4ClientEndpoint(self.reactor, self.host, self.port,
-                                      timeout=self.connect_timeout)
-        if isIPv6Address(self.host):
-            return TCP6ClientEndpoint(self.reactor, self.host, self.port,
-                                      timeout=self.connect_timeout)
-        return HostnameEndpoint(self.reactor, self.host, self.port,
-                                timeout=self.connect_timeout)
+            tcp: Any = TCP4ClientEndpoint(self.reactor, self.host, self.port,
+                                          timeout=self.connect_timeout)
+        elif isIPv6Address(self.host):
+            tcp = TCP6ClientEndpoint(self.reactor, self.host, self.port,
+                                     timeout=self.connect_timeout)
+        else:
+            tcp = HostnameEndpoint(self.reactor, self.host, self.port,
+                                   timeout=self.connect_timeout)
+        if self.tls is None:
+            return tcp
+        # The handshake's bytes wait in the TLS layer until it is up; a
+        # certificate refused loses the connection before the handshake's
+        # reply, a fault as any failed connect.
+        return wrapClientTLS(self.tls, tcp)
 
     def _open(self, blocking: bool) -> _Connection:
         if not blocking:

@@ -24,19 +24,29 @@ Redis never fails a request: each call is bounded; after
 ``OPEN_SECONDS`` (the gateway serves from its own tier, ``/health`` says
 degraded, once in the log), then tries again.
 
-Entries are encoded as a JSON head (status, headers, framing, chunk sizes,
-pacing, usage) and the chunks' bytes after it: nothing executable, so a
-shared Redis cannot make a gateway run anything.
+Redis is not trusted (``sealed.py``): entries and live records carry an
+HMAC under ``cache.redis_secret`` and every field is checked before a byte
+reaches a client. An entry that fails is a miss, counted
+(``ntonix_redis_rejected_total``) and deleted; a record that fails ends the
+following, as a leader's death does: the follower asks a backend itself, or
+ends its clients' answers when part of one is out. Entries are a JSON head
+(status, headers, framing, chunk sizes, pacing, usage) and the chunks'
+bytes after it: nothing executable, so a shared Redis cannot make a gateway
+run anything.
 """
 
-import json
+import hashlib
 import os
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+import re
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from ntonix.cache.flight import NoProducer, RemoteExchange, RemoteResponse
+from ntonix.cache.redis_client import RedisError
+from ntonix.cache.sealed import (MALFORMED, Record, Seal, decode_entry, decode_head,
+                                 encode_entry, encode_head)
 from ntonix.cache.store import Entry
 
 if TYPE_CHECKING:
@@ -54,51 +64,31 @@ _RENEW = (b"if redis.call('get', KEYS[1]) == ARGV[1] then "
           b"return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 _RELEASE = (b"if redis.call('get', KEYS[1]) == ARGV[1] then "
             b"return redis.call('del', KEYS[1]) else return 0 end")
+# Delete a refused entry only while it is the bytes refused (by their SHA-1):
+# a good one stored meanwhile stays.
+_DELETE_IF = (b"local v = redis.call('get', KEYS[1]) "
+              b"if v and redis.sha1hex(v) == ARGV[1] then "
+              b"return redis.call('del', KEYS[1]) else return 0 end")
+# A lease's value as SharedTier.acquire makes it; anything else names no
+# stream a gateway writes.
+_TOKEN = re.compile(rb"[0-9a-f]{16}-[0-9]{1,20}")
+# Refusals are logged at most this often (an attacker controls their rate).
+REJECT_LOG_SECONDS = 60.0
 # A follower's blocking read, and how long a silent stream is waited for
 # before checking whether its leader still holds the lease.
 READ_BLOCK_MS = 1000
 
 
-def encode_entry(entry: Entry) -> bytes:
-    head = {"code": entry.code, "phrase": entry.phrase.decode("latin-1"),
-            "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in entry.headers],
-            "sse": entry.sse, "sizes": [len(c) for c in entry.chunks], "times": entry.times,
-            "duration": entry.duration, "usage": list(entry.usage) if entry.usage else None,
-            "stored_at": entry.stored_at}
-    h = json.dumps(head, separators=(",", ":")).encode()
-    return b"%d\n" % len(h) + h + b"".join(entry.chunks)
-
-
-def decode_entry(data: bytes, now: float, ttl_left: float) -> Optional[Entry]:
-    """An Entry from ``encode_entry``'s bytes, or None when they are not."""
-    try:
-        n, _, rest = data.partition(b"\n")
-        size = int(n)
-        head = json.loads(rest[:size])
-        body = rest[size:]
-        chunks = []
-        at = 0
-        for s in head["sizes"]:
-            chunks.append(body[at:at + s])
-            at += s
-        if at != len(body):
-            return None
-        return Entry(code=int(head["code"]), phrase=head["phrase"].encode("latin-1"),
-                     headers=[(a.encode("latin-1"), b.encode("latin-1"))
-                              for a, b in head["headers"]],
-                     chunks=chunks, sse=bool(head["sse"]), stored_at=now,
-                     expires_at=now + ttl_left, times=head.get("times"),
-                     duration=float(head.get("duration") or 0.0),
-                     usage=tuple(head["usage"]) if head.get("usage") else None)
-    except (ValueError, KeyError, TypeError):
-        return None
+__all__ = ["SharedTier", "Publisher", "Follower", "encode_entry", "decode_entry"]
 
 
 class SharedTier:
-    def __init__(self, client: Any, prefix: str, clock: Any, lease_seconds: float) -> None:
+    def __init__(self, client: Any, prefix: str, clock: Any, lease_seconds: float,
+                 seal: Optional[Seal] = None) -> None:
         self.client = client
         self.prefix = prefix.encode()
         self.clock = clock
+        self.seal = seal if seal is not None else Seal()
         self.lease_ms = max(100, int(lease_seconds * 1000))
         self.id = os.urandom(8).hex().encode()  # this gateway, in lease values
         self.failures = 0
@@ -110,6 +100,10 @@ class SharedTier:
         self.followed = 0
         self.takeovers = 0
         self.leases = 0
+        # (entry or record, reason) -> refusals; see sealed.py.
+        self.rejected: Dict[Tuple[str, str], int] = {}
+        self._rejected_logged_at = float("-inf")
+        self._rejected_unlogged = 0
 
     # -- health
     @property
@@ -135,16 +129,38 @@ class SharedTier:
                          what=what, s=OPEN_SECONDS)
         return None
 
-    def _call(self, what: str, *args: Any) -> "defer.Deferred[Any]":
-        """One command; fires with its reply, or None on any failure."""
+    def _call(self, what: str, *args: Any, wrong_type: bool = False) -> "defer.Deferred[Any]":
+        """One command; fires with its reply, or None on any failure.
+        ``wrong_type``: a WRONGTYPE reply is the RedisError itself, not a
+        failure (Redis answers; a key holds what no gateway wrote there)."""
         if not self.usable:
             return defer.succeed(None)
         d = self.client.execute(*args)
-        d.addCallbacks(self._ok, self._failed, errbackArgs=(what,))
+
+        def failed(failure: Any) -> Any:
+            if wrong_type and failure.check(RedisError) \
+                    and str(failure.value).startswith("WRONGTYPE"):
+                return self._ok(failure.value)
+            return self._failed(failure, what)
+
+        d.addCallbacks(self._ok, failed)
         return d
 
     def _key(self, kind: bytes, key: bytes) -> bytes:
         return self.prefix + kind + b":" + key.hex().encode()
+
+    def reject(self, what: str, why: str) -> None:
+        """Count an entry or record refused; say so in the log now and then
+        (never its bytes: they may be anybody's)."""
+        self.rejected[(what, why)] = self.rejected.get((what, why), 0) + 1
+        self._rejected_unlogged += 1
+        now = self.clock.seconds()
+        if now - self._rejected_logged_at >= REJECT_LOG_SECONDS:
+            log.warn("redis: refused {n} {what}(s) since the last report, the latest {why}: "
+                     "served as a miss (someone else writes to this Redis, or with another "
+                     "cache.redis_secret)", n=self._rejected_unlogged, what=what, why=why)
+            self._rejected_logged_at = now
+            self._rejected_unlogged = 0
 
     # -- entries
     def get(self, key: bytes) -> "defer.Deferred[Optional[Entry]]":
@@ -153,16 +169,26 @@ class SharedTier:
             return defer.succeed(None)
         ekey = self._key(b"e", key)
         # Pipelined: one round trip. _call never errbacks.
-        d = defer.gatherResults([self._call("a lookup", b"GET", ekey),
+        d = defer.gatherResults([self._call("a lookup", b"GET", ekey, wrong_type=True),
                                  self._call("a lookup", b"PTTL", ekey)])
 
         def got(replies: List[Any]) -> Optional[Entry]:
             data, pttl = replies
-            if not isinstance(data, bytes) or not isinstance(pttl, int):
+            if data is None or not isinstance(pttl, int):
+                return None  # none stored, or Redis failed
+            if not isinstance(data, bytes):
+                # Not a string (WRONGTYPE): not a gateway's either.
+                self.reject("entry", MALFORMED)
+                self._call("deleting a refused entry", b"DEL", ekey)
                 return None
-            entry = decode_entry(data, self.clock.seconds(), max(0, pttl) / 1000.0)
-            if entry is not None:
-                self.hits += 1
+            ttl_left = pttl / 1000.0 if pttl >= 0 else float("inf")
+            entry, why = self.seal.open_entry(ekey, data, self.clock.seconds(), ttl_left)
+            if why is not None:
+                self.reject("entry", why)
+                self._call("deleting a refused entry", b"EVAL", _DELETE_IF, 1, ekey,
+                           hashlib.sha1(data).hexdigest())
+                return None
+            self.hits += 1
             return entry
 
         return d.addCallback(got)
@@ -171,7 +197,8 @@ class SharedTier:
         ms = int(ttl * 1000)
         if ms <= 0:
             return
-        self._call("a store", b"SET", self._key(b"e", key), encode_entry(entry), b"PX", ms)
+        ekey = self._key(b"e", key)
+        self._call("a store", b"SET", ekey, self.seal.seal_entry(ekey, entry, ttl), b"PX", ms)
 
     # -- leases: the value is a token naming this leader's stream
     def acquire(self, key: bytes) -> "defer.Deferred[Tuple[Optional[bool], Optional[bytes]]]":
@@ -190,7 +217,7 @@ class SharedTier:
                 return (None, None)
             return self._call("a lease", b"GET", lkey).addCallback(
                 lambda held: (None, None) if held is None and not self.usable
-                else (False, held if isinstance(held, bytes) else None))
+                else (False, _token(held)))
 
         return d.addCallback(taken)
 
@@ -205,50 +232,72 @@ class SharedTier:
     def leader(self, key: bytes) -> "defer.Deferred[Optional[bytes]]":
         """The current lease's token (None: no lease, or Redis unusable)."""
         d = self._call("a lease check", b"GET", self._key(b"l", key))
-        return d.addCallback(lambda v: v if isinstance(v, bytes) else None)
+        return d.addCallback(_token)
 
     # -- the live stream of an answer (one per lease)
     def _stream(self, key: bytes, token: bytes) -> bytes:
         return self._key(b"s", key) + b":" + token
 
     def publish(self, key: bytes, token: bytes, seq: int, kind: bytes, data: bytes = b"") -> None:
-        self._call("publishing", b"XADD", self._stream(key, token), b"MAXLEN", b"~",
-                   STREAM_MAXLEN, b"*", b"k", kind, b"n", seq, b"d", data)
+        stream = self._stream(key, token)
+        n = b"%d" % seq
+        self._call("publishing", b"XADD", stream, b"MAXLEN", b"~", STREAM_MAXLEN, b"*",
+                   b"k", kind, b"n", n, b"d", data,
+                   b"m", self.seal.record_tag(stream, n, kind, data))
 
     def expire_stream(self, key: bytes, token: bytes, seconds: float) -> None:
         self._call("expiring a stream", b"PEXPIRE", self._stream(key, token),
                    max(1000, int(seconds * 1000)))
 
-    def read(self, key: bytes, token: bytes, after: bytes) -> "defer.Deferred[Optional[list]]":
+    def read(self, key: bytes, token: bytes,
+             after: bytes) -> "defer.Deferred[Optional[List[Optional[Record]]]]":
         """Records after id ``after`` (``0`` from the start), waiting up to
-        READ_BLOCK_MS for new ones: a list of (id, kind, seq, data), [] when
-        none came, None when Redis failed."""
+        READ_BLOCK_MS for new ones: a list of Records, a refused one as None
+        and the last (counted here); [] when none came, None when Redis
+        failed."""
         if not self.usable:
             return defer.succeed(None)
-        d = self.client.blocking(b"XREAD", b"BLOCK", READ_BLOCK_MS, b"STREAMS",
-                                 self._stream(key, token), after,
+        stream = self._stream(key, token)
+        d = self.client.blocking(b"XREAD", b"BLOCK", READ_BLOCK_MS, b"STREAMS", stream, after,
                                  timeout=READ_BLOCK_MS / 1000.0 + 1.0)
 
-        def parse(reply: Any) -> list:
-            out = []
-            for _stream, records in reply or ():
-                for rid, fields in records:
-                    f = dict(zip(fields[::2], fields[1::2]))
-                    try:
-                        seq = int(f.get(b"n", b"-1"))
-                    except ValueError:
-                        seq = -1
-                    out.append((rid, f.get(b"k", b""), seq, f.get(b"d", b"")))
+        def parse(reply: Any) -> List[Optional[Record]]:
+            # XREAD's reply: [[stream, [[id, [field, value, ...]], ...]]].
+            out: List[Optional[Record]] = []
+            if not isinstance(reply, list):
+                return out
+            for item in reply:
+                if not isinstance(item, list) or len(item) != 2 \
+                        or not isinstance(item[1], list):
+                    return self._refused(out, MALFORMED)
+                for r in item[1]:
+                    if not isinstance(r, list) or len(r) != 2:
+                        return self._refused(out, MALFORMED)
+                    record, why = self.seal.open_record(stream, r[0], r[1])
+                    if why is not None:
+                        return self._refused(out, why)
+                    out.append(record)
             return out
 
         d.addCallbacks(self._ok, self._failed, errbackArgs=("following a leader",))
         d.addCallback(lambda r: None if r is None and not self.usable else parse(r))
         return d
 
+    def _refused(self, out: List[Optional[Record]], why: str) -> List[Optional[Record]]:
+        self.reject("record", why)
+        out.append(None)
+        return out
+
     def as_json(self) -> dict:
         return {"state": "degraded" if self.degraded else "ok", "errors": self.errors,
                 "hits": self.hits, "led": self.led, "followed": self.followed,
-                "takeovers": self.takeovers}
+                "takeovers": self.takeovers, "rejected": sum(self.rejected.values()),
+                "authenticated": self.seal.authenticated}
+
+
+def _token(value: Any) -> Optional[bytes]:
+    """A lease's value when it is one a gateway makes, else None."""
+    return value if isinstance(value, bytes) and _TOKEN.fullmatch(value) else None
 
 
 class Publisher:
@@ -280,9 +329,7 @@ class Publisher:
         self.seq += 1
 
     def head(self, code: int, phrase: bytes, headers: list, sse: bool) -> None:
-        doc = {"code": code, "phrase": phrase.decode("latin-1"), "sse": sse,
-               "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers]}
-        self._publish(b"head", json.dumps(doc).encode())
+        self._publish(b"head", encode_head(code, phrase, headers, sse))
         # A leader that dies mid-answer leaves a stream that expires anyway.
         self.tier.expire_stream(self.key, self.token, 6 * self.tier.lease_ms / 1000.0)
 
@@ -356,25 +403,29 @@ class Follower:
                           else self._give_up("leader gone"))
             d.addErrback(self._broken)
             return
-        for rid, kind, seq, data in records:
-            self.last = rid
-            if seq != self.expected:
+        for record in records:
+            if record is None:
+                # Nothing of it reaches a client: as if the leader had died.
+                return self._give_up("a record of the shared answer failed its check")
+            self.last = record.rid
+            if record.seq != self.expected:
                 return self._give_up("a record of the shared answer was lost")
             self.expected += 1
-            if kind == b"head":
-                doc = json.loads(data)
-                headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in doc["headers"]]
+            if record.kind == b"head" and not self.started:
+                head = decode_head(record.data)
+                if head is None:
+                    self.tier.reject("record", MALFORMED)
+                    return self._give_up("the shared answer's head failed its check")
                 self.started = True
-                self.flight.commit(RemoteExchange(headers, doc["sse"]),
-                                   RemoteResponse(doc["code"], doc["phrase"].encode("latin-1")),
-                                   NoProducer())
-            elif kind == b"data" and self.started:
-                self.flight.write(data)
-            elif kind == b"end" and self.started:
+                self.flight.commit(RemoteExchange(head.headers, head.sse),
+                                   RemoteResponse(head.code, head.phrase), NoProducer())
+            elif record.kind == b"data" and self.started:
+                self.flight.write(record.data)
+            elif record.kind == b"end" and self.started:
                 self.done = True
                 self.flight.end(True, None)
                 return
-            else:  # fail, or an end without a head
+            else:  # fail, a second head, or data or an end without a head
                 return self._give_up("the leader's answer failed")
         self._next()
 

@@ -159,6 +159,12 @@ class GatewayCollector:
                     value=shared.followed)
             yield c("ntonix_shared_takeovers", "Followed answers whose leader went away before "
                     "its head, asked of a backend instead", value=shared.takeovers)
+            rejected = c("ntonix_redis_rejected", "Entries and live-answer records read from "
+                         "Redis and refused (reason: unauthenticated, malformed): served as "
+                         "misses", labels=["kind", "reason"])
+            for (kind, why), n in sorted(shared.rejected.items()):
+                rejected.add_metric([kind, why], n)
+            yield rejected
         s = gw.cache.store
         st = s.stats
         yield c("ntonix_cache_hits", "Requests answered from the cache", value=st.hits)
