@@ -307,21 +307,37 @@ def pki(tmp_path):
             "other_ca": write_ca(other_dir, make_ca("Another CA"))}
 
 
-async def tls_redis(pki, pair="server"):
+def tls_redis(pki, pair="server"):
     """redis-server with a plain port (for the test's own writes) and a TLS
-    one (for the gateways), no client certificates asked."""
+    one (for the gateways), no client certificates asked; not started."""
     cert, key = pki[pair]
     s = RedisServer("--tls-port", str(free_port()), "--tls-cert-file", cert,
                     "--tls-key-file", key, "--tls-ca-cert-file", pki["ca"],
                     "--tls-auth-clients", "no")
     s.tls_port = int(s.extra[1])
-    await s.start()
     return s
 
 
+@pytest_twisted.async_yield_fixture
+async def servers():
+    """Start redis-servers with ``await servers(server)``; each is stopped
+    at teardown, whatever the test did."""
+    started = []
+
+    async def start(server):
+        started.append(server)
+        await server.start()
+        return server
+
+    yield start
+    for server in started:
+        await server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
+
+
 @pytest_twisted.ensureDeferred
-async def test_the_client_speaks_tls_and_checks_the_certificate(pki):
-    s = await tls_redis(pki)
+async def test_the_client_speaks_tls_and_checks_the_certificate(pki, servers):
+    s = await servers(tls_redis(pki))
     clients = []
 
     def client(url, ca):
@@ -346,33 +362,29 @@ async def test_the_client_speaks_tls_and_checks_the_certificate(pki):
         e = await failure_of(client(f"redis://127.0.0.1:{s.tls_port}/0", None)
                              .execute(b"PING"), 5)
         assert isinstance(e, RedisUnavailable)
+        misnamed = await servers(tls_redis(pki, "misnamed"))
+        e = await failure_of(client(f"rediss://127.0.0.1:{misnamed.tls_port}/0", pki["ca"])
+                             .execute(b"PING"), 5)
+        assert isinstance(e, RedisUnavailable)
     finally:
         for c in clients:
             await within(c.close(), 5)
-        await s.stop()
-        shutil.rmtree(s.dir, ignore_errors=True)
-    m = await tls_redis(pki, "misnamed")
-    try:
-        c = client(f"rediss://127.0.0.1:{m.tls_port}/0", pki["ca"])
-        e = await failure_of(c.execute(b"PING"), 5)
-        assert isinstance(e, RedisUnavailable)
-    finally:
-        await within(c.close(), 5)
-        await m.stop()
-        shutil.rmtree(m.dir, ignore_errors=True)
 
 
 @pytest_twisted.ensureDeferred
-async def test_gateways_share_over_rediss_and_refuse_an_unknown_certificate(pki, mocks):
+async def test_gateways_share_over_rediss_and_refuse_an_unknown_certificate(pki, mocks,
+                                                                            servers):
     m, _ = mocks
-    s = await tls_redis(pki)
-    s.url = f"rediss://127.0.0.1:{s.tls_port}/0"
-    a, b = await gateways(s.url, m, secret=SECRET,
-                          extra=["--set", f"cache.redis_ca_file={pki['ca']}"])
-    (c,) = await gateways(s.url, m, n=1, secret=SECRET,
-                          extra=["--set", f"cache.redis_ca_file={pki['other_ca']}"])
+    s = await servers(tls_redis(pki))
+    url = f"rediss://127.0.0.1:{s.tls_port}/0"
     attacker = RedisClient(reactor, "127.0.0.1", s.port, command_timeout=2.0)  # plain port
+    started = []
     try:
+        started += await gateways(url, m, secret=SECRET,
+                                  extra=["--set", f"cache.redis_ca_file={pki['ca']}"])
+        started += await gateways(url, m, n=1, secret=SECRET,
+                                  extra=["--set", f"cache.redis_ca_file={pki['other_ca']}"])
+        a, b, c = started
         r1, body1, _, _, _ = await asked(a, attacker, "over tls")
         r2, body2 = await ask(b, "over tls")
         assert (cache_label(r1), cache_label(r2)) == (b"MISS", b"HIT") and body1 == body2
@@ -385,10 +397,8 @@ async def test_gateways_share_over_rediss_and_refuse_an_unknown_certificate(pki,
         assert "certificate verify failed" in c.output.decode(errors="replace")
     finally:
         await within(attacker.close(), 5)
-        for g in (a, b, c):
+        for g in started:
             await stop_gateway(g)
-        await s.stop()
-        shutil.rmtree(s.dir, ignore_errors=True)
 
 
 # -- the password
@@ -397,10 +407,9 @@ PASSWORD = "hunter2-redis-pw"
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_redis_password_appears_nowhere(mocks):
+async def test_the_redis_password_appears_nowhere(mocks, servers):
     m, _ = mocks
-    s = RedisServer("--requirepass", PASSWORD)
-    await s.start()
+    s = await servers(RedisServer("--requirepass", PASSWORD))
     url = f"redis://:{PASSWORD}@127.0.0.1:{s.port}/0"
     (g,) = await gateways(url, m, n=1)
     try:
@@ -421,7 +430,6 @@ async def test_the_redis_password_appears_nowhere(mocks):
             assert PASSWORD not in text
     finally:
         await stop_gateway(g)
-        shutil.rmtree(s.dir, ignore_errors=True)
     # Configuration errors show the URL masked.
     for bad in (f"redis://:{PASSWORD}@127.0.0.1:notaport/0", f"http://:{PASSWORD}@h:6379/0",
                 f"redis://:{PASSWORD}@h/db1", f"redis://user:{PASSWORD}@h:6379/0",
