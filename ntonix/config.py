@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import attrs
 from attrs import field, frozen
 
-from ntonix.cache.redis_url import mask_redis_url, parse_redis_address, parse_redis_url
+from ntonix.cache.redis_url import mask_redis_url, parse_redis_address
 from ntonix.http.passthrough import DEFAULT_PASSTHROUGH, entry_problem
 
 ENV_PREFIX = "NTONIX_"
@@ -80,7 +80,7 @@ class ServerConfig:
                            help="the seed's name for server.workers (its alias)")
     bind_address: str = setting("0.0.0.0", cli="--bind", restart=True,
                                 help="address the listeners bind to")
-    secret: str = setting("", restart=True,
+    secret: str = setting("", restart=True, secret=True,
                           help="key of the hashes standing for credentials (tenants, cache "
                                "scope); every gateway sharing a Redis needs the same one "
                                "(empty: server.secret_file, else one made at start)")
@@ -319,7 +319,8 @@ class AdminConfig:
         help="port of the admin HTTP listener (/metrics, /backends, /cache/stats); 0 picks a "
              "free one, -1 none")
     http_bind: str = setting("127.0.0.1", restart=True, help="admin HTTP listener bind address")
-    token: str = setting("", help="bearer token that opens the admin routes on the public "
+    token: str = setting("", secret=True,
+                         help="bearer token that opens the admin routes on the public "
                                   "port, and on the admin listener when it is not bound to "
                                   "loopback (then it is required)")
 
@@ -868,8 +869,7 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
     for key, url in urls:
         if url:
             try:
-                # Only the cache tier's client speaks TLS (rediss://) so far.
-                (parse_redis_address if key == "cache.redis_url" else parse_redis_url)(url)
+                parse_redis_address(url)
             except ValueError as e:
                 errors.append(f"{key} = {_show(url)} ({merged[key].source}): {e}")
     errors.extend(_redis_trust_problems(cfg, merged))

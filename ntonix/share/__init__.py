@@ -19,7 +19,7 @@ from typing import Any, Optional
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from ntonix.cache.redis_client import RedisClient, parse_redis_url
+from ntonix.cache.redis_client import RedisClient
 from ntonix.config import Config, cluster_redis_url
 from ntonix.share.bus import RedisBus
 from ntonix.share.hub import WorkerHub
@@ -60,20 +60,19 @@ def make_bus(config: Config, reactor: Any, deliver: Any, gone: Any) -> Optional[
     url = cluster_redis_url(config)
     if not url:
         return None
+    timeout = config.cache.redis_timeout_seconds
     try:
-        host, port, db, password = parse_redis_url(url)
-    except ValueError as e:
-        # A URL only the cache tier's client takes (cluster.redis_url's own
-        # is checked with the configuration): share nothing, serve anyway.
-        # The reason without the URL, which may hold a password.
+        # Its own connections: the cache tier's breaker and ours stay apart.
+        # rediss:// as the cache tier speaks it (certificate checked).
+        client = RedisClient.from_url(reactor, url, ca_file=config.cache.redis_ca_file or None,
+                                      connect_timeout=max(0.2, timeout * 5),
+                                      command_timeout=timeout, pool_size=1)
+    except (ValueError, OSError) as e:
+        # Share nothing, serve anyway. The reason without the URL, which
+        # may hold a password.
         log.warn("scheduler share: not through Redis ({why}); each gateway routes on its own "
                  "view", why=str(e).replace(url, "<the Redis URL>"))
         return None
-    timeout = config.cache.redis_timeout_seconds
-    # Its own connections: the cache tier's breaker and ours stay apart.
-    client = RedisClient(reactor, host, port, db, password,
-                         connect_timeout=max(0.2, timeout * 5), command_timeout=timeout,
-                         pool_size=1)
     return RedisBus(client, config.cache.redis_prefix, reactor, deliver, gone)
 
 
