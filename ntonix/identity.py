@@ -40,9 +40,14 @@ def parse_networks(specs: Iterable[str]) -> Tuple[Network, ...]:
     out = []
     for spec in specs:
         try:
-            out.append(ipaddress.ip_network(spec.strip(), strict=False))
+            net = ipaddress.ip_network(spec.strip(), strict=False)
         except ValueError:
             raise ValueError(f"{spec!r} is not an address or a CIDR") from None
+        mapped = getattr(net.network_address, "ipv4_mapped", None)
+        if mapped is not None and net.prefixlen >= 96:
+            # Peers are compared as IPv4: so must the network be.
+            net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+        out.append(net)
     return tuple(out)
 
 
@@ -88,9 +93,14 @@ def settle_secret(config: Any) -> Any:
                 secret = f.read().strip()
         except FileNotFoundError:
             secret = new_secret()
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(secret + "\n")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another gateway made it first: use its
+                with open(path, encoding="ascii") as f:
+                    secret = f.read().strip()
+            else:
+                with os.fdopen(fd, "w", encoding="ascii") as f:
+                    f.write(secret + "\n")
         if not secret:
             raise ValueError(f"server.secret_file {path}: empty")
     warnings = config.warnings

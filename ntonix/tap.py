@@ -150,7 +150,8 @@ def makeService(options: Options) -> MultiService:
     count = worker_count(config.server.workers.strip().lower())
     if count > 1:
         return build_supervisor(config, reactor, count, ntonix_arguments(),
-                                daemon_log=daemon_log_file(options))
+                                daemon_log=daemon_log_file(options),
+                                reloader=lambda: settle_secret(read_config(options)))
     return build_service(config, reactor, lambda: read_config(options),
                          daemon_log=daemon_log_file(options))
 
@@ -163,7 +164,8 @@ def ntonix_arguments() -> List[str]:
 
 
 def build_supervisor(config: cfgmod.Config, reactor: Any, count: int, args: List[str],
-                     daemon_log: Optional[str] = None) -> MultiService:
+                     daemon_log: Optional[str] = None,
+                     reloader: Optional[Callable[[], cfgmod.Config]] = None) -> MultiService:
     """``server.workers`` > 1: this process binds the sockets, serves the
     admin listener and supervises ``count`` worker processes."""
     from ntonix.workers.admin import GatewayViews, SupervisorRouter
@@ -171,7 +173,7 @@ def build_supervisor(config: cfgmod.Config, reactor: Any, count: int, args: List
     top = GatewayService(make_observer(config.logging, daemon_log=daemon_log, reactor=reactor))
     for line in config.warnings:
         log.warn("configuration warning: {warning}", warning=line)
-    sup = Supervisor(config, reactor, args, count, tls_wanted(config))
+    sup = Supervisor(config, reactor, args, count, tls_wanted(config), reloader)
     views = GatewayViews(sup)
     # The workers' public port serves the same admin answers (with admin.token).
     views.serve_workers()

@@ -18,7 +18,7 @@ from ntonix.http.errors import send_error, send_json_body
 from ntonix.http.request import Request
 from ntonix.http.admin_auth import listener_allows, token_ok
 from ntonix.http.passthrough import PassthroughPolicy, path_problem
-from ntonix.identity import credential_of
+from ntonix.identity import bare_credential, credential_of
 from ntonix.http.validate import (
     ROUTE_CHAT,
     ROUTE_COMPLETIONS,
@@ -128,11 +128,14 @@ class Router:
         method = b"GET" if request.method == b"HEAD" else request.method
         entry = self.routes.get((method, path))
         lower = request.requestHeaders.lower
-        if lower.count(b"authorization") > 1 or lower.count(b"x-api-key") > 1:
+        if lower.count(b"authorization") > 1 or lower.count(b"x-api-key") > 1 \
+                or (b"x-api-key" in lower and b"authorization" in lower
+                    and bare_credential(request.getHeader(b"authorization") or b"")
+                    != bare_credential(request.getHeader(b"x-api-key") or b"")):
             # Which one would count? The cache scope, the tenant and the
             # backend could each read a different one: refuse them all.
-            return send_error(request, 400, "more than one Authorization or x-api-key header",
-                              "duplicate_credentials")
+            return send_error(request, 400, "more than one credential (Authorization, "
+                              "x-api-key) and they differ", "duplicate_credentials")
         if self.admin:
             if not listener_allows(request, self.gateway.config.admin):
                 return None

@@ -26,6 +26,9 @@ FRAMING = frozenset({b"content-length", b"host", b"expect"})
 FORWARDING = frozenset({b"x-real-ip", b"x-request-id", b"x-forwarded-proto",
                         b"x-forwarded-for"})
 _DROP_UPSTREAM = HOP_BY_HOP | FRAMING | FORWARDING
+# What only a trusted proxy may tell a backend about the original request.
+PROXY_ONLY = frozenset({b"forwarded", b"x-forwarded-host", b"x-forwarded-port"})
+_DROP_UPSTREAM_UNTRUSTED = _DROP_UPSTREAM | PROXY_ONLY
 # The client is told the gateway's own request id (the one the backend was
 # sent) and the gateway's own X-Cache and X-Backend, never a backend's.
 _DROP_CLIENT = HOP_BY_HOP | FRAMING | {b"x-request-id", b"x-cache", b"x-backend"}
@@ -77,7 +80,7 @@ def upstream_header_block(client: RawHeaders, lower: List[bytes], client_ip: str
     ``X-Forwarded-For`` is kept (and the address it last added is the real
     client's); from anyone else it is dropped, so a client cannot make the
     backend believe another address."""
-    drop = _dropped(client, lower, _DROP_UPSTREAM)
+    drop = _dropped(client, lower, _DROP_UPSTREAM if trusted else _DROP_UPSTREAM_UNTRUSTED)
     out = []
     xff = []
     for (name, value), low in zip(client, lower):

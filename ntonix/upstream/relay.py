@@ -47,6 +47,14 @@ CONNECT_FAILURES = (
     UpstreamClosed,
 )
 
+# Errors told to clients when backends are not to be named
+# (proxy.expose_backend=false); others name no backend.
+HIDDEN_REASONS = {
+    "upstream_unreachable": "the backend could not be reached or failed",
+    "upstream_timeout": "the backend did not answer in time",
+    "internal_error": "internal gateway error",
+}
+
 # What a gated stream may hold before its first content event: past this the
 # backend is plainly sending, so the response is committed anyway.
 HOLD_LIMIT = 256 * 1024
@@ -254,14 +262,14 @@ class Exchange:
         """The backend's name as clients may see it (``proxy.expose_backend``)."""
         return self.backend_name if self.gateway.config.proxy.expose_backend else None
 
-    def _for_client(self, message: Optional[str]) -> Optional[str]:
-        """``message`` fit for the client: without backend addresses unless
-        ``proxy.expose_backend`` (the log keeps them)."""
+    def _for_client(self, message: Optional[str], code: str = "") -> Optional[str]:
+        """``message`` fit for the client: unless ``proxy.expose_backend``,
+        what went wrong upstream is told without any of it (a reason such as
+        a DNS error names the host); the log keeps the details."""
         if message is None or self.gateway.config.proxy.expose_backend:
             return message
-        for b in self.tried:
-            message = message.replace(f"backend {b.name}", "the backend")
-        return message
+        return HIDDEN_REASONS.get(code, "the backend failed mid-response" if not code
+                                  else message)
 
     # -- attempts
     def start(self) -> None:
@@ -545,7 +553,9 @@ class Exchange:
         name = self.tried[-1].name
         why = f"backend {name} unreachable: {reason}"
         self._release(False, why)
-        if isinstance(reason, CONNECT_FAILURES):
+        resend_ok = not self.passthrough or self.method in IDEMPOTENT \
+            or not isinstance(reason, UpstreamClosed)  # it may have been received
+        if isinstance(reason, CONNECT_FAILURES) and resend_ok:
             if self.retries_left > 0:
                 self.retries_left -= 1
                 log.info("request {request_id}: {why}; retrying", request_id=self.request_id,
@@ -573,7 +583,7 @@ class Exchange:
         self.status = status
         if self.info is not None:
             self.info.upstream_failed = True
-        self._finish().fail(status, self._for_client(message), code, retry_after)
+        self._finish().fail(status, self._for_client(message, code), code, retry_after)
 
 
 def server_timing(request: Request) -> None:

@@ -154,7 +154,12 @@ class SlotBroker:
             priority, weight = "standard", 1.0
         for name, cap in zip(prefs, caps):
             self.fleet.caps[name] = cap
-        self.fleet.weights[tenant] = weight
+        # Only weights other than 1 are kept: those of configured classes,
+        # a bounded set (any client can make a new tenant).
+        if weight != 1.0:
+            self.fleet.weights[tenant] = weight
+        else:
+            self.fleet.weights.pop(tenant, None)
         ask = Ask(self, worker, ask_id, tenant, priority, weight, prefs, self.clock.seconds())
         self.asks[(worker, ask_id)] = ask
         self.admission.admit(ask)

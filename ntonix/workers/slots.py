@@ -9,8 +9,8 @@ write.
 
 The broker answers a wait that runs out itself (with the gateway's
 Retry-After). A worker whose supervisor does not answer at all gives up
-after the queue timeout and a grace (``BACKSTOP_SECONDS``) with a 503, and
-fails every wait at once when the supervisor is gone.
+after the queue timeout and a grace (``BACKSTOP_SECONDS``) with a 429, and
+fails every wait at once with a 503 when the supervisor is gone.
 """
 
 from typing import Any, Callable, Dict, Optional
@@ -146,7 +146,16 @@ class SlotClient:
                 ex.info.queue_seconds = waited
             adm.on_wait(wait.priority, waited)
         ex.remote_slot = True
-        ex.send([backend])
+        try:
+            ex.send([backend])
+        except Exception:
+            # A bug of ours: never a slot held for nothing, never a client
+            # left hanging (the exchange answers 500, as on one process).
+            if ex.backend is not backend:
+                ex.remote_slot = False
+                self.release(backend)
+            ex._bug()
+            return
         if ex.backend is not backend:
             # Not sent after all (its circuit's one trial was taken).
             ex.remote_slot = False

@@ -29,6 +29,7 @@ import socket
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.task import LoopingCall
@@ -139,8 +140,11 @@ class WorkerProcess(protocol.ProcessProtocol):
 
 class Supervisor(Service):
     def __init__(self, config: Any, reactor: Any, ntonix_args: List[str], count: int,
-                 tls: bool) -> None:
+                 tls: bool, reloader: Optional[Callable[[], Any]] = None) -> None:
         self.config = config
+        # Reads the configuration again on SIGHUP: the broker's queue and the
+        # admin listener's token follow it, as the workers do.
+        self.reloader = reloader
         self.reactor = reactor
         self.args = ntonix_args
         self.count = count
@@ -318,6 +322,15 @@ class Supervisor(Service):
 
     def reload(self) -> "defer.Deferred[Any]":
         log.info("SIGHUP: reloading every worker")
+        if self.reloader is not None:
+            try:
+                new = self.reloader()
+            except Exception as e:  # a bad file: keep what runs (the workers say why)
+                log.warn("supervisor kept its configuration: {why}",
+                         why=getattr(e, "lines", None) or e)
+            else:
+                # Listeners and processes are built once: their settings stay.
+                self.config = attrs.evolve(new, server=self.config.server)
         calls = []
         for i, proc in sorted(self.workers.items()):
             d = proc.channel.call("reload", 10.0, self.reactor)
@@ -342,7 +355,6 @@ class Supervisor(Service):
     def stopService(self) -> "defer.Deferred[None]":
         super().stopService()
         self.stopping = True
-        self.broker.close()
         if self.sync_loop is not None and self.sync_loop.running:
             self.sync_loop.stop()
         try:
@@ -381,6 +393,9 @@ class Supervisor(Service):
                 .addTimeout(5.0, self.reactor).addErrback(lambda _: None)
 
         def closed(_: Any) -> None:
+            # Only now: requests still waiting in the broker while workers
+            # drain must still time out there.
+            self.broker.close()
             if dispatcher is not None:
                 dispatcher.close()
 

@@ -250,3 +250,37 @@ async def test_two_credentials_are_refused_and_forwarding_headers_are_not_believ
     finally:
         await stop_gateway(gw)
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_backends_are_not_named_to_clients_when_hidden():
+    (rec, port, address), = recorders(1)
+    dead = socket_port_closed()
+    gw = await start_gateway(["--port", "0", "--backend", address, "--backend", dead,
+                              "--set", "proxy.expose_backend=false",
+                              "--set", "health.interval_seconds=30",
+                              "--set", "proxy.retries=0", "--set", "cache.enabled=false"])
+    try:
+        bodies = []
+        for i in range(4):  # round-robin: some go to the dead one
+            r = await within(http_client().post(gw.url + "/v1/chat/completions",
+                                                data=chat_body(f"q{i}"), headers=JSON), 10)
+            bodies.append((r.code, await treq.content(r), r.headers.getRawHeaders(b"x-backend")))
+        assert any(code == 502 for code, _, _ in bodies), bodies
+        for code, body, shown in bodies:
+            assert shown is None
+            assert dead.encode() not in body and dead.split(":")[1].encode() not in body, body
+        assert dead.encode() in gw.output  # the log keeps it
+    finally:
+        await stop_gateway(gw)
+        await port.stopListening()
+
+
+def socket_port_closed() -> str:
+    """host:port where nothing listens (bound a moment ago, then closed)."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"127.0.0.1:{port}"

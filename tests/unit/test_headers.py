@@ -43,11 +43,15 @@ def test_upstream_headers_strip_hop_by_hop_and_add_forwarding():
 
 
 def test_an_untrusted_clients_forwarding_headers_are_dropped():
-    client = [(b"X-Forwarded-For", b"1.2.3.4"), (b"X-Real-IP", b"1.2.3.4")]
+    client = [(b"X-Forwarded-For", b"1.2.3.4"), (b"X-Real-IP", b"1.2.3.4"),
+              (b"Forwarded", b"for=1.2.3.4;host=admin"), (b"X-Forwarded-Host", b"admin"),
+              (b"X-Forwarded-Port", b"1")]
     out = parse_block(upstream_header_block(client, lower_names(client), "10.0.0.9", b"r",
                                             False, 0))
     assert values(out, b"x-forwarded-for") == [b"10.0.0.9"]
     assert values(out, b"x-real-ip") == [b"10.0.0.9"]
+    for name in (b"forwarded", b"x-forwarded-host", b"x-forwarded-port"):
+        assert values(out, name) == [], name
 
 
 def test_first_hop_gets_the_client_address_alone():
