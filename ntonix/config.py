@@ -93,6 +93,37 @@ class ServerConfig:
                                restart=True, help="most request header lines accepted (else 431)")
     max_header_bytes: int = setting(16384, min=256,
                                     restart=True, help="largest request line plus headers (else 431)")
+    # Far deeper than any OpenAI request (a tool's JSON schema nests about
+    # ten levels); 256 at most keeps the gateway's recursive code (the cache
+    # key) far from Python's recursion limit of about 1,000 frames.
+    max_json_depth: int = setting(64, min=1, max=256,
+                                  help="deepest nesting of arrays and objects in a JSON request "
+                                       "body (else 400)")
+    # Caps per process: with server.workers, each worker has its own. An
+    # idle connection costs the process about 5 KiB (4,000 idle keep-alive
+    # connections: +19 MB), a stream its backend connection too; the larger
+    # cost is the kernel's socket buffers, up to tens of KiB per busy socket:
+    # 4096 streams, 8,192 sockets, stay within a 2 GB machine with two
+    # workers, and their 8,256 descriptors within a container's usual limit
+    # (a warning at start when `ulimit -n` is lower).
+    max_connections: int = setting(
+        4096, min=1, restart=True,
+        help="open client connections per process (each worker has its own); at the cap the "
+             "connection idle longest between requests is closed for a new one, and with "
+             "none idle the listeners stop accepting until one closes")
+    max_connections_per_client: int = setting(
+        256, min=0, restart=True,
+        help="open connections from one client address per process (each worker has its "
+             "own; 0: no cap); past it a new one is closed at once; loopback and "
+             "tenants.trusted_proxies are exempt")
+    # Every body is kept until its answer ends (a retry sends it again), and
+    # a parsed one costs a few times its size: 128 MiB is a dozen bodies at
+    # server.max_body_bytes, or thousands of usual chat bodies, per process.
+    max_buffered_body_bytes: int = setting(
+        128 * 1024 * 1024, min=1, restart=True,
+        help="request body bytes held per process over all connections (each worker has its "
+             "own), from a body's first byte until its answer ends; past it 503 with "
+             "Retry-After")
     header_timeout_seconds: float = setting(10.0, min=0.001,
                                             restart=True, help="deadline to receive a whole request head")
     body_timeout_seconds: float = setting(60.0, min=0.001,
@@ -802,6 +833,12 @@ def _check_combinations(cfg: Config, merged: Mapping[str, Raw]) -> Config:
         missing = "ssl.key_file" if cfg.ssl.cert_file else "ssl.cert_file"
         errors.append(f"{given} = {_show(getattr(cfg.ssl, given.split('.')[1]))} "
                       f"({merged[given].source}): needs {missing} too")
+    if cfg.server.max_buffered_body_bytes < cfg.server.max_body_bytes:
+        key = "server.max_buffered_body_bytes"
+        src = merged[key].source if key in merged else DEFAULT_SOURCE
+        errors.append(f"{key} = {cfg.server.max_buffered_body_bytes} ({src}): less than "
+                      f"server.max_body_bytes ({cfg.server.max_body_bytes}), so the largest "
+                      "bodies would always be refused")
     errors.extend(_weight_problems("balancer.weights", cfg.balancer.weights, merged))
     for model, w in cfg.balancer.model_weights.items():
         errors.extend(_weight_problems(f"balancer.model_weights.{model}", w, merged))

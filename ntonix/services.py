@@ -5,6 +5,7 @@ from typing import Any, Callable, List, Optional
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -44,6 +45,10 @@ class ListenerService(Service):
         except CannotListenError as e:
             raise SystemExit(f"ntonix: cannot listen for {self.label} on "
                              f"{self.interface}:{self.port_number}: {e.socketError}") from None
+        site = self._site()
+        if site is not None and IPushProducer.providedBy(self.port):
+            # Paused by the site while at server.max_connections.
+            site.add_listener(self.port)
         host = self.port.getHost()
         log.info("{label} listening on {host}:{port}", label=self.label, host=host.host,
                  port=host.port)
@@ -55,16 +60,34 @@ class ListenerService(Service):
     def gateway_has_backends(self) -> bool:
         return self.gateway is None or bool(self.gateway.backends)
 
+    def _site(self) -> Optional[GatewayServer]:
+        """The gateway's site behind this listener, under TLS or not."""
+        factory = getattr(self.factory, "wrappedFactory", self.factory)
+        return factory if isinstance(factory, GatewayServer) else None
+
     def stopService(self) -> Any:
         super().stopService()
         if self.port is None:
             return None
         port, self.port = self.port, None
+        site = self._site()
+
+        def stop(_: Any = None) -> Any:
+            # Still paused and resumed by the site until it stops listening.
+            d = defer.maybeDeferred(port.stopListening)
+
+            def stopped(result: Any) -> Any:
+                if site is not None:
+                    site.remove_listener(port)
+                return result
+
+            return d.addBoth(stopped)
+
         if self.gateway is None:
-            return port.stopListening()
+            return stop()
         # The gateway's listeners keep accepting through the drain delay,
         # while readiness says 503.
-        return self.gateway.begin_draining().addCallback(lambda _: port.stopListening())
+        return self.gateway.begin_draining().addCallback(stop)
 
 
 class DemoBackendsService(Service):

@@ -19,7 +19,7 @@ from ntonix.cache.manager import CacheSweeper
 from ntonix.console import make_console_factory
 from ntonix.gateway import Gateway
 from ntonix.http.routes import Router
-from ntonix.http.server import GatewayServer, Limits
+from ntonix.http.server import GatewayServer, Limits, fd_headroom_warning
 from ntonix.identity import settle_secret
 from ntonix.observe.logs import make_observer
 from ntonix.routing.health import HealthChecker
@@ -263,7 +263,13 @@ def build_service(config: cfgmod.Config, reactor: Any,
     limits = Limits.from_config(config.server)
     # A worker's admin routes answer for the whole gateway, from its supervisor.
     admin_view = worker.admin_view(reactor) if worker is not None else None
-    site = GatewayServer(Router(gateway, admin_view=admin_view), limits, reactor)
+    # A trusted proxy speaks for many clients: no per-client cap for it (read
+    # at each use: SIGHUP may change the list).
+    site = GatewayServer(Router(gateway, admin_view=admin_view), limits, reactor,
+                         exempt=lambda ip: gateway.identity.trusts(ip))
+    headroom = fd_headroom_warning(limits)
+    if headroom is not None:
+        log.warn("{warning}", warning=headroom)
     gateway.metrics.sites.append(site)
     if config.demo.enabled:
         if worker is None or worker.index == 0:

@@ -16,6 +16,7 @@ _TYPE_FOR_STATUS = {
     415: "invalid_request_error",
     429: "rate_limit_error",
     431: "invalid_request_error",
+    501: "invalid_request_error",  # what the request asks of HTTP (a transfer coding)
 }
 
 
@@ -47,13 +48,14 @@ def send_error(request: Any, status: int, message: str, code: Optional[str] = No
 
 
 def raw_error_response(status: int, message: str, code: Optional[str],
-                       request_id: bytes) -> bytes:
+                       request_id: bytes, retry_after: Optional[int] = None) -> bytes:
     """A whole HTTP/1.1 error response that closes the connection, for errors
     found while parsing, before any Request object could answer."""
     body = error_json(status, message, code)
     reason = HTTPStatus(status).phrase.encode("ascii")
+    retry = b"" if retry_after is None else b"Retry-After: %d\r\n" % retry_after
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"X-Request-ID: %s\r\nConnection: close\r\n\r\n"
-        % (status, reason, len(body), request_id)
+        b"X-Request-ID: %s\r\n%sConnection: close\r\n\r\n"
+        % (status, reason, len(body), request_id, retry)
     ) + body

@@ -16,10 +16,23 @@ cancelled per request):
 - idle keep-alive, between requests.
 While a request is being answered no deadline runs on the client: the relay
 has its own (first token, stream idle).
+
+Caps, per process (each worker has its own):
+- ``server.max_connections``: at the cap, a new connection first closes the
+  connection idle longest between requests; with none idle, the listeners
+  stop accepting (clients wait in the kernel's backlog) until one closes.
+  Connections accepted in the same wake-up past the cap are closed at once.
+- ``server.max_connections_per_client``: one address's connections past it
+  are closed at once (not loopback's, nor those of a proxy the ``exempt``
+  function names: ``tenants.trusted_proxies``).
+- ``server.max_buffered_body_bytes``: request body bytes held over every
+  connection, from their first byte until their answer ends; past it the
+  request is answered 503 (Retry-After) and its connection closed.
 """
 
+import resource
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import attrs
 import httptools
@@ -42,6 +55,10 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PIPELINE_DEPTH = 4
 # A client that will not read our error answer must not keep the socket.
 ABORT_AFTER_SECONDS = 15.0
+# Seconds between two log lines about the same cap being reached.
+CAP_LOG_SECONDS = 10.0
+# Why a connection was closed at once (the metric's reason label).
+MAX_CONNECTIONS, MAX_PER_CLIENT = "max_connections", "max_connections_per_client"
 
 
 @attrs.frozen
@@ -52,6 +69,10 @@ class Limits:
     header_timeout: float
     body_timeout: float
     idle_timeout: float
+    # The caps' defaults are the settings' (config.py says why).
+    max_connections: int = 4096
+    max_connections_per_client: int = 256  # 0: none
+    max_buffered_body_bytes: int = 128 * 1024 * 1024
 
     @classmethod
     def from_config(cls, server_cfg: Any) -> "Limits":
@@ -62,6 +83,9 @@ class Limits:
             header_timeout=server_cfg.header_timeout_seconds,
             body_timeout=server_cfg.body_timeout_seconds,
             idle_timeout=server_cfg.idle_timeout_seconds,
+            max_connections=server_cfg.max_connections,
+            max_connections_per_client=server_cfg.max_connections_per_client,
+            max_buffered_body_bytes=server_cfg.max_buffered_body_bytes,
         )
 
 
@@ -74,9 +98,30 @@ _NOTED = {b"content-length": _LENGTH, b"host": _HOST, b"content-type": _TYPE,
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing and answer an error."""
 
-    def __init__(self, status: int, message: str, code: str) -> None:
+    def __init__(self, status: int, message: str, code: str,
+                 retry_after: Optional[int] = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
+        self.retry_after = retry_after
+
+
+def chunked_alone(value: bytes) -> bool:
+    """Whether a Transfer-Encoding value (every such header's, joined by
+    commas) is ``chunked`` and nothing else. Any other coding (gzip,
+    deflate, the obsolete identity: RFC 9112 section 6.1) is one the gateway
+    does not decode, and relaying the bytes as if it had would give the
+    backend a different body than the client sent."""
+    if value == b"chunked":
+        return True
+    return [c for c in (p.strip(b" \t").lower() for p in value.split(b",")) if c] == [b"chunked"]
+
+
+class _Refused(Protocol):
+    """A connection over a cap: closed at once, before any byte of it is
+    read (under TLS, before the handshake costs anything)."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
 
 
 class HTTPServerProtocol(Protocol):
@@ -100,7 +145,7 @@ class HTTPServerProtocol(Protocol):
         self.read_paused = False
         self.upgraded = False
         self.serving = False
-        self.pending_reject: Optional[Tuple[int, str, str]] = None
+        self.pending_reject: Optional[Tuple[int, str, str, Optional[int]]] = None
         self.in_message = False
         self.in_head = False  # from a message's first byte to the end of its head
         self.continue_due = False  # a 100 Continue owed once the answer before is done
@@ -111,6 +156,10 @@ class HTTPServerProtocol(Protocol):
         self.answer_producer: Any = None
         # Head bytes received and not yet parsed into a complete head.
         self.unparsed_head = 0
+        # Body bytes of this connection counted in the factory's total
+        # (server.max_buffered_body_bytes): the message being received, the
+        # requests queued and the one being answered.
+        self.held = 0
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -124,6 +173,7 @@ class HTTPServerProtocol(Protocol):
         self.hosts = 0
         self.expect_continue = False
         self.chunked = False
+        self.transfer_encoding = b""
         self.request_id = b""
         self.content_type: Optional[bytes] = None
 
@@ -151,6 +201,7 @@ class HTTPServerProtocol(Protocol):
             self.abort_timer.cancel()
         self.abort_timer = None
         self.factory.connection_lost(self)
+        self._release(self.held)
         self.closing = True
         self.queue.clear()
         current, self.current = self.current, None
@@ -203,6 +254,11 @@ class HTTPServerProtocol(Protocol):
             return
         self.bytes_seen = True
         if self.phase == IDLE and self.current is None:
+            idle = self.factory.idle
+            if self in idle:  # busy again: no longer the one to close first
+                del idle[self]
+                if not idle:
+                    self.factory.none_idle()
             self._enter(HEAD, self.limits.header_timeout)
         if self.in_head or not self.in_message:
             self.unparsed_head += len(data)
@@ -216,7 +272,7 @@ class HTTPServerProtocol(Protocol):
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, _Reject):
-                self.reject(cause.status, cause.message, cause.code)
+                self.reject(cause.status, cause.message, cause.code, cause.retry_after)
             else:
                 log.failure("parsing a request from {client}", client=self.client_ip)
                 self.reject(500, "internal gateway error", "internal_error")
@@ -270,6 +326,8 @@ class HTTPServerProtocol(Protocol):
             self.request_id = value
         elif kind == _TE:
             self.chunked = True
+            self.transfer_encoding = value if not self.transfer_encoding else \
+                self.transfer_encoding + b"," + value
         else:
             self.expect_continue = value.strip().lower() == b"100-continue"
 
@@ -280,6 +338,15 @@ class HTTPServerProtocol(Protocol):
         if self.head_bytes > limits.max_header_bytes:
             raise _Reject(431, f"request head larger than {limits.max_header_bytes} bytes "
                           "(server.max_header_bytes)", "headers_too_large")
+        if self.chunked and not chunked_alone(self.transfer_encoding):
+            # llhttp decodes "gzip, chunked" as chunked alone, and refuses
+            # only the lists where chunked is not last (a 400, as RFC 9112
+            # section 6.3 asks). The connection closes: the body's end
+            # cannot be known, so neither can the next request's start.
+            shown = self.transfer_encoding.decode("latin-1")[:100]
+            raise _Reject(501, f"Transfer-Encoding {shown!r} is not implemented: send the "
+                          "body with Content-Length, or Transfer-Encoding: chunked alone",
+                          "transfer_coding_not_implemented")
         version = self.parser.get_http_version()
         if version == "1.1" and self.hosts != 1:
             # RFC 9112 section 3.2: exactly one Host in an HTTP/1.1 request.
@@ -291,6 +358,8 @@ class HTTPServerProtocol(Protocol):
             raise _Reject(413, f"request body of {length} bytes exceeds the limit of "
                           f"{limits.max_body_bytes} bytes (server.max_body_bytes)",
                           "request_too_large")
+        if length and self.factory.body_bytes + length > limits.max_buffered_body_bytes:
+            raise self._busy()  # refused before it is read
         if length or (length is None and self.chunked):
             if self.expect_continue and version == "1.1":
                 if self.current is None:
@@ -303,13 +372,31 @@ class HTTPServerProtocol(Protocol):
                 self.phase = BODY
 
     def on_body(self, data: bytes) -> None:
-        self.body_bytes += len(data)
+        n = len(data)
+        self.body_bytes += n
         if self.body_bytes > self.limits.max_body_bytes:
             # Chunked bodies have no length up front: counted as they come.
             raise _Reject(413, f"request body of {self.body_bytes} bytes or more exceeds the "
                           f"limit of {self.limits.max_body_bytes} bytes "
                           "(server.max_body_bytes)", "request_too_large")
+        factory = self.factory
+        self.held += n
+        factory.body_bytes += n
+        if factory.body_bytes > self.limits.max_buffered_body_bytes:
+            raise self._busy()
         self.body.append(data)
+
+    def _busy(self) -> _Reject:
+        return _Reject(503, "the gateway holds as many request bodies as it may "
+                       f"({self.limits.max_buffered_body_bytes} bytes, "
+                       "server.max_buffered_body_bytes); try again", "server_busy",
+                       retry_after=1)
+
+    def _release(self, n: int) -> None:
+        """Body bytes this connection no longer holds."""
+        if n:
+            self.held -= n
+            self.factory.body_bytes -= n
 
     def on_message_complete(self) -> None:
         parser = self.parser
@@ -379,6 +466,10 @@ class HTTPServerProtocol(Protocol):
         if request is not self.current:
             return
         self.current = None
+        n = len(request.body)
+        if n:  # its body is let go (inline: once per request)
+            self.held -= n
+            self.factory.body_bytes -= n
         if not request.keep_alive or self.upgraded:
             # The answer said the connection ends with it: whatever the
             # client sent after, even a malformed request, gets no answer.
@@ -386,10 +477,10 @@ class HTTPServerProtocol(Protocol):
             self._close()
             return
         if self.pending_reject is not None:
-            status, message, code = self.pending_reject
+            status, message, code, retry_after = self.pending_reject
             self.pending_reject = None
             self.closing = False
-            self.reject(status, message, code)
+            self.reject(status, message, code, retry_after)
             return
         if self.closing:
             self._close()
@@ -406,8 +497,19 @@ class HTTPServerProtocol(Protocol):
                             else self.limits.header_timeout)
             else:
                 self._enter(IDLE, self.limits.idle_timeout)
+                factory = self.factory
+                factory.idle[self] = None  # the last to become idle, last to be closed
+                if factory.paused:
+                    factory.resume()  # a new connection can have this one's place now
+
+    def evict(self) -> None:
+        """Closed while idle to make room for a new connection."""
+        log.debug("closing idle keep-alive connection from {client}: server.max_connections "
+                  "reached", client=self.client_ip)
+        self._close()
 
     def _close(self) -> None:
+        self.factory.idle.pop(self, None)
         self.closing = True
         self._enter(IDLE, None)
         self.transport.loseConnection()
@@ -449,7 +551,8 @@ class HTTPServerProtocol(Protocol):
         self.reject(408, f"request {phase} not received in time ({setting})", "request_timeout")
 
     # -- errors found while receiving
-    def reject(self, status: int, message: str, code: str) -> None:
+    def reject(self, status: int, message: str, code: str,
+               retry_after: Optional[int] = None) -> None:
         """Answer ``status`` as a whole raw response and close the connection.
 
         If an answer is still being written for an earlier request, this one
@@ -457,16 +560,23 @@ class HTTPServerProtocol(Protocol):
         """
         if self.closing:
             return
+        # Whatever was received after the request being answered (queued
+        # requests, a partial one) is dropped with the connection.
+        self._release(self.held - (len(self.current.body) if self.current is not None else 0))
+        self.body = []
         if self.current is not None:
             self.closing = True
-            self.pending_reject = (status, message, code)
+            self.pending_reject = (status, message, code, retry_after)
             self.queue.clear()
             return
         self.closing = True
         self.queue.clear()
         self._enter(IDLE, None)
+        rejected = self.factory.rejected
+        rejected[code] = rejected.get(code, 0) + 1
         request_id = sane_request_id(self.request_id)
-        self.transport.write(raw_error_response(status, message, code, request_id))
+        self.transport.write(raw_error_response(status, message, code, request_id,
+                                                retry_after))
         access_log.info("{client} - - {status} rejected: {reason} request_id={request_id}",
                         client=self.client_ip, status=status, reason=code,
                         request_id=request_id.decode("ascii", "replace"), outcome="rejected")
@@ -498,16 +608,40 @@ def _origin_form(url: bytes) -> Tuple[bytes, bytes]:
 
 class GatewayServer(Factory):
     """Builds one protocol per client connection; tracks them for shutdown
-    and metrics, and checks their deadlines."""
+    and metrics, checks their deadlines, and keeps the caps (the module's
+    docstring says what each does).
+
+    ``exempt(ip)`` says whether an address is spared the per-client cap (a
+    proxy in front speaks for many clients; loopback always is); the
+    listeners that bring connections are given with ``add_listener``, to be
+    paused at the cap.
+    """
 
     noisy = False
 
-    def __init__(self, router: Any, limits: Limits, clock: IReactorTime) -> None:
+    def __init__(self, router: Any, limits: Limits, clock: IReactorTime,
+                 exempt: Optional[Callable[[str], bool]] = None) -> None:
         self.router = router
         self.limits = limits
         self.clock = clock
+        self.exempt = exempt
         self.channels: "set[HTTPServerProtocol]" = set()
         self.connections_total = 0
+        self.per_client: Dict[str, int] = {}
+        # Connections idle between requests, the longest idle first (a dict
+        # keeps insertion order; a connection leaves it when it is busy).
+        self.idle: Dict[HTTPServerProtocol, None] = {}
+        # Ports (push producers) to pause while at server.max_connections.
+        self.listeners: List[Any] = []
+        self.paused = False
+        # Request body bytes held over all connections.
+        self.body_bytes = 0
+        # Counters, read at scrape time.
+        self.refused = {MAX_CONNECTIONS: 0, MAX_PER_CLIENT: 0}
+        self.evicted = 0
+        self.accept_pauses = 0
+        self.rejected: Dict[str, int] = {}  # requests refused while received, by code
+        self._logged_at: Dict[str, float] = {}
         # Told when a connection opens or closes: a worker reports its count
         # to the supervisor, which gives new connections to the least busy.
         self.on_connections: Optional[Callable[[], None]] = None
@@ -515,16 +649,111 @@ class GatewayServer(Factory):
         self.deadlines = DeadlineSweep(
             clock, min(0.25, limits.header_timeout / 8, limits.body_timeout / 8), self.channels)
 
-    def buildProtocol(self, addr: Any) -> HTTPServerProtocol:
+    def buildProtocol(self, addr: Any) -> Protocol:
+        limits = self.limits
+        host = getattr(addr, "host", None) or ""
+        cap = limits.max_connections_per_client
+        if cap and self.per_client.get(host, 0) >= cap and not self._exempt(host):
+            return self._refuse(MAX_PER_CLIENT, host)
+        if len(self.channels) >= limits.max_connections and not self._evict_idle():
+            return self._refuse(MAX_CONNECTIONS, host)
         return HTTPServerProtocol(self)
+
+    def _exempt(self, host: str) -> bool:
+        # Loopback is this machine: a sidecar proxy, or the operator's own
+        # load test.
+        return host.startswith(("127.", "::ffff:127.")) or host == "::1" or \
+            (self.exempt is not None and self.exempt(host))
+
+    def _refuse(self, reason: str, host: str) -> Protocol:
+        self.refused[reason] += 1
+        self._log_cap(reason, "closing a new connection from {client} at once: server.{cap} "
+                      "reached ({refused} so far)", client=host, cap=reason,
+                      refused=self.refused[reason])
+        return _Refused()
+
+    def _evict_idle(self) -> bool:
+        """Close the connection idle longest, if any is idle."""
+        for channel in self.idle:
+            break
+        else:
+            return False
+        del self.idle[channel]
+        self.evicted += 1
+        channel.evict()
+        return True
+
+    def none_idle(self) -> None:
+        """The last idle connection is busy again."""
+        if len(self.channels) >= self.limits.max_connections:
+            self._pause()  # none left to make room with
+
+    def add_listener(self, port: Any) -> None:
+        """``port`` brings connections: paused while at the cap."""
+        self.listeners.append(port)
+        if self.paused:
+            port.pauseProducing()
+
+    def remove_listener(self, port: Any) -> None:
+        if port in self.listeners:
+            self.listeners.remove(port)
+
+    def _pause(self) -> None:
+        if self.paused or not self.listeners:
+            return  # (a worker's connections come from its supervisor: refused instead)
+        self.paused = True
+        self.accept_pauses += 1
+        for port in self.listeners:
+            port.pauseProducing()
+        self._log_cap("paused", "server.max_connections ({cap}) reached, none idle: not "
+                      "accepting until one closes", cap=self.limits.max_connections)
+
+    def resume(self) -> None:
+        self.paused = False
+        for port in self.listeners:
+            port.resumeProducing()
+
+    def _log_cap(self, kind: str, fmt: str, **fields: Any) -> None:
+        # Once per CAP_LOG_SECONDS per kind: a flood must not flood the log.
+        now = self.clock.seconds()
+        if now - self._logged_at.get(kind, float("-inf")) >= CAP_LOG_SECONDS:
+            self._logged_at[kind] = now
+            log.warn(fmt, **fields)
 
     def connection_made(self, channel: HTTPServerProtocol) -> None:
         self.connections_total += 1
         self.deadlines.add(channel)
+        ip = channel.client_ip
+        self.per_client[ip] = self.per_client.get(ip, 0) + 1
+        if len(self.channels) >= self.limits.max_connections and not self.idle:
+            self._pause()
         if self.on_connections is not None:
             self.on_connections()
 
     def connection_lost(self, channel: HTTPServerProtocol) -> None:
         self.channels.discard(channel)
+        self.idle.pop(channel, None)
+        ip = channel.client_ip
+        n = self.per_client.get(ip, 0) - 1
+        if n > 0:
+            self.per_client[ip] = n
+        else:
+            self.per_client.pop(ip, None)
+        if self.paused and len(self.channels) < self.limits.max_connections:
+            self.resume()
         if self.on_connections is not None:
             self.on_connections()
+
+
+def fd_headroom_warning(limits: Limits) -> Optional[str]:
+    """A warning when the process may open fewer files than its connections
+    can need: past the limit accept() fails (EMFILE) and Twisted closes each
+    new connection at once, whatever server.max_connections says."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # A client connection and its backend connection, and some to spare.
+    needed = 2 * limits.max_connections + 64
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    return (f"server.max_connections is {limits.max_connections}, but this process may open "
+            f"{soft} files (ulimit -n) and each connection can need two (client and backend): "
+            f"raise the limit to {needed} or more, or lower server.max_connections")

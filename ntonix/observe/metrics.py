@@ -72,6 +72,7 @@ class GatewayCollector:
                 value=self.metrics.connections_active())
         yield c("ntonix_connections", "Client connections accepted",
                 value=self.metrics.connections_total)
+        yield from client_caps(self.metrics.sites)
         yield c("ntonix_tenant_header_ignored", "Requests whose tenant header was ignored: "
                 "not sent by one of tenants.trusted_proxies",
                 value=self.metrics.tenant_header_ignored)
@@ -178,6 +179,38 @@ class GatewayCollector:
                 value=st.expired)
         yield g("ntonix_cache_bytes", "Bytes held by the cache", value=s.size_bytes)
         yield g("ntonix_cache_entries", "Entries in the cache", value=len(s))
+
+
+def client_caps(sites: Iterable[Any]) -> Iterable[Any]:
+    """The client side's caps (ntonix/http/server.py), summed over the
+    listeners' sites."""
+    sites = list(sites)
+    c = CounterMetricFamily
+    refused = c("ntonix_connections_refused", "Client connections closed at once (reason: "
+                "max_connections when accepted past the cap in one wake-up, "
+                "max_connections_per_client)", labels=["reason"])
+    for reason in ("max_connections", "max_connections_per_client"):
+        refused.add_metric([reason], sum(s.refused[reason] for s in sites))
+    yield refused
+    yield c("ntonix_connections_evicted", "Idle keep-alive client connections closed to make "
+            "room for a new one at server.max_connections", value=sum(s.evicted for s in sites))
+    yield c("ntonix_accept_pauses", "Times the listeners stopped accepting at "
+            "server.max_connections with no connection idle, until one closed",
+            value=sum(s.accept_pauses for s in sites))
+    yield GaugeMetricFamily("ntonix_request_body_buffered_bytes", "Request body bytes held "
+                            "(received, answer not yet ended), at most "
+                            "server.max_buffered_body_bytes per process",
+                            value=sum(s.body_bytes for s in sites))
+    rejected = c("ntonix_requests_rejected", "Requests refused while being received, before "
+                 "any route (reason: the error code answered, e.g. server_busy, "
+                 "request_too_large, transfer_coding_not_implemented)", labels=["reason"])
+    codes: Dict[str, int] = {}
+    for s in sites:
+        for code, n in s.rejected.items():
+            codes[code] = codes.get(code, 0) + n
+    for code, n in sorted(codes.items()):
+        rejected.add_metric([code], n)
+    yield rejected
 
 
 class LocalHistogram:

@@ -4,14 +4,16 @@ Each example is one client connection carrying bytes made from valid requests
 (chat, completions, embeddings, the GET routes; Content-Length or chunked
 bodies) by mutation: header lines cut, spliced in, duplicated and reordered;
 request line parts swapped; chunked bodies re-cut with odd sizes, extensions
-and trailers; then random bytes inserted, removed, duplicated or overwritten
-anywhere. The bytes go over a real socket (sometimes in pieces), and then:
+and trailers; transfer-coding lists (one header or two); bodies nested around
+and far past server.max_json_depth; then random bytes inserted, removed,
+duplicated or overwritten anywhere. The bytes go over a real socket (sometimes in pieces), and then:
 
 - the connection ends (the gateway closes it) within ``BOUND`` seconds;
 - everything the gateway sent is well-formed HTTP/1.1: status lines, header
   lines, Content-Length or chunked framing, nothing left over; a 4xx has an
   OpenAI-shaped JSON error body, a 2xx a JSON body (or an event stream of
-  JSON events); no 5xx (the backend is healthy);
+  JSON events); no 5xx (the backend is healthy) but a 501 for a transfer
+  coding the gateway does not decode;
 - no traceback in the gateway's log;
 - a valid chat completion on a new connection still succeeds.
 
@@ -350,6 +352,43 @@ def m_chunk_sizes(draw, m: Message) -> None:
         b"ffffffffffffffffff\r\n", b"-1\r\n\r\n", b"0x0\r\n\r\n"]))
 
 
+# Transfer-Encoding lists: chunked alone is decoded; any other coding is
+# answered 501 (or 400 when llhttp finds the framing malformed).
+CODINGS = [b"chunked", b"Chunked", b"chunked ", b",chunked", b"gzip, chunked",
+           b"identity, chunked", b"deflate,chunked", b"x-custom, chunked", b"identity",
+           b"gzip", b"chunked, gzip", b"chunked, chunked", b"chunked,", b"compress"]
+
+
+def m_transfer_coding(draw, m: Message) -> None:
+    """Chunked framing under a drawn list of codings, in one or two headers."""
+    m.headers = [h for h in m.headers if not h.lower().startswith((b"content-length",
+                                                                   b"transfer-encoding"))]
+    coding = draw(st.sampled_from(CODINGS))
+    lines = [b"Transfer-Encoding: " + coding]
+    if b"," in coding and draw(st.booleans()):  # the same list in two headers
+        lines = [b"Transfer-Encoding: " + c.strip() for c in coding.split(b",") if c.strip()]
+    for line in lines:
+        m.headers.insert(draw(st.integers(0, len(m.headers))), line)
+    if not m.chunked:
+        m.chunked = True
+        m.rechunk([len(m.body)])
+
+
+def m_nest_json(draw, m: Message) -> None:
+    """A body nested a drawn number of levels, around server.max_json_depth
+    (64) and far past it (the cache key's recursion once failed at ~500)."""
+    levels = draw(st.sampled_from([1, 2, 10, 63, 64, 65, 66, 100, 500, 1000, 5000]))
+    opener, closer = draw(st.sampled_from([(b"[", b"]"), (b'{"a":', b"}"), (b'[{"b":', b"}]")]))
+    inner = opener * levels + draw(st.sampled_from([b"1", b'"]]"', b"[]", b"{}"])) + closer * levels
+    m.body = (b'{"model": "mock-llm", "temperature": 0, "max_tokens": 2, "messages": '
+              b'[{"role": "user", "content": "nest"}], "x": ' + inner + b"}")
+    if m.chunked:
+        m.rechunk([len(m.body)])
+    else:
+        m.headers = [h for h in m.headers if not h.lower().startswith(b"content-length")]
+        m.headers.append(b"Content-Length: %d" % len(m.body))
+
+
 def m_body_bytes(draw, m: Message) -> None:
     if m.body:
         at = draw(st.integers(0, len(m.body)))
@@ -361,7 +400,8 @@ def m_body_bytes(draw, m: Message) -> None:
 STRUCTURE_MUTATIONS = [m_drop_header, m_duplicate_header, m_reorder_headers, m_splice_header,
                        m_splice_header, m_cut_header, m_header_value, m_header_spacing, m_method,
                        m_target, m_version, m_content_length, m_to_chunked, m_chunk_sizes,
-                       m_chunk_sizes, m_body_bytes]
+                       m_chunk_sizes, m_body_bytes, m_transfer_coding, m_transfer_coding,
+                       m_nest_json, m_nest_json, m_nest_json]
 SPECIAL_BYTES = [b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"\x00", b" ", b"\t", b":", b";", b"\xff",
                  b"0\r\n\r\n", b"HTTP/1.1", b"GET / HTTP/1.1\r\n"]
 
@@ -473,7 +513,8 @@ def parse_answers(data: bytes, sent: bytes, eof: bool) -> List[Answer]:
         # Nothing may follow an answer that said it ends the connection.
         assert not (answers and closes(answers[-1])), \
             f"answer {status} sent after one that closes the connection"
-        assert 200 <= status < 300 or 400 <= status < 500, f"status {status}"
+        # 501: a transfer coding other than chunked alone (checked below).
+        assert 200 <= status < 300 or 400 <= status < 500 or status == 501, f"status {status}"
         te, cl = headers.get(b"transfer-encoding"), headers.get(b"content-length")
         assert not (te and cl), "both Transfer-Encoding and Content-Length"
         if head_only_ok and (pos == len(data) or data.startswith(b"HTTP/1.", pos)) \
@@ -550,6 +591,7 @@ def check_body(status: int, headers: Dict[bytes, List[bytes]], body: bytes) -> N
         assert isinstance(err["message"], str) and err["message"], err
         assert isinstance(err["type"], str) and err["type"], err
         assert err["code"] is None or isinstance(err["code"], str), err
+        assert status != 501 or err["code"] == "transfer_coding_not_implemented", err
         return
     if ctype == b"application/json":
         assert isinstance(json.loads(body), dict), body[:200]

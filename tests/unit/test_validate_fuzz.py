@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ntonix.http.validate import (
+    DEFAULT_MAX_JSON_DEPTH,
     ROUTE_CHAT,
     ROUTE_COMPLETIONS,
     ROUTE_EMBEDDINGS,
@@ -18,6 +19,7 @@ from ntonix.http.validate import (
     check_body,
     check_content_type,
     decode_json_body,
+    nested_deeper,
 )
 
 ROUTES = (ROUTE_CHAT, ROUTE_COMPLETIONS, ROUTE_EMBEDDINGS)
@@ -172,8 +174,71 @@ def test_content_type_is_accepted_or_bad_request(value):
         assert value.split(b";", 1)[0].strip().lower() == b"application/json"
 
 
-@pytest.mark.parametrize("body", [b"[" * 100000, b'{"x":' * 100000])
+@pytest.mark.parametrize("body", [b"[" * 100000, b'{"x":' * 100000,
+                                  b"[" * 500 + b"]" * 500, b'{"x":' * 65 + b"1" + b"}" * 65])
 def test_deep_nesting_is_a_clear_400(body):
     with pytest.raises(BadRequest) as e:
         decode_json_body(body)
-    assert e.value.status == 400 and e.value.code == "invalid_json"
+    assert e.value.status == 400 and e.value.code == "json_too_deep"
+    assert "server.max_json_depth" in e.value.message
+
+
+def depth(doc) -> int:
+    """The reference: levels of arrays and objects, by recursion."""
+    if isinstance(doc, dict):
+        return 1 + max(map(depth, doc.values()), default=0)
+    if isinstance(doc, list):
+        return 1 + max(map(depth, doc), default=0)
+    return 0
+
+
+# Strings that look like structure: a scan of the bytes that got them wrong
+# would count these brackets, or lose track of where strings end.
+TRICKY_TEXT = st.sampled_from(["[", "]", "{{{", "}}]]", '"', '\\', '\\"[', '["', "\\u005b",
+                               "x\n]"]) | TEXT
+
+
+SIBLINGS = st.lists(SCALARS | TRICKY_TEXT | st.sampled_from([[], {}, [[1]], {"a": ["]"]}]),
+                    max_size=2)
+
+
+@st.composite
+def nested(draw, max_levels: int = 110):
+    """(a document nested a chosen number of levels, that number): a spine
+    of arrays and objects, with siblings (shallower, and tricky strings)
+    along it."""
+    doc = draw(SCALARS | TRICKY_TEXT)
+    # The number of levels first (a list's length alone is mostly short),
+    # then the spine: each level an array or an object, and its other members.
+    levels = draw(st.integers(0, max_levels))
+    for is_array, siblings in draw(st.lists(st.tuples(st.booleans(), SIBLINGS),
+                                            min_size=levels, max_size=levels)):
+        if is_array:
+            doc = siblings + [doc] if len(siblings) == 1 else [doc] + siblings
+        else:
+            doc = {**{f"k{i}": v for i, v in enumerate(siblings)}, "]{": doc}
+    return doc, depth(doc)
+
+
+@SETTINGS
+@given(case=nested(), limit=st.sampled_from([1, 2, 8, DEFAULT_MAX_JSON_DEPTH, 100]),
+       ensure_ascii=st.booleans())
+@example(case=([[[]]], 3), limit=2, ensure_ascii=True)
+@example(case=(json.loads("[" * 64 + "]" * 64), 64), limit=64, ensure_ascii=True)
+@example(case=(json.loads("[" * 65 + "]" * 65), 65), limit=64, ensure_ascii=True)
+@example(case=(json.loads('{"a":' * 65 + '"]]]"' + "}" * 65), 65), limit=64, ensure_ascii=True)
+@example(case=(["]]]]", [["{"]]], 3), limit=3, ensure_ascii=True)
+def test_nesting_refused_exactly_past_the_limit(case, limit, ensure_ascii):
+    doc, levels = case
+    body = json.dumps(doc, ensure_ascii=ensure_ascii).encode("utf-8", "surrogatepass")
+    assert nested_deeper(doc, limit) == (levels > limit)
+    try:
+        parsed = decode_json_body(body, limit)
+    except BadRequest as e:
+        if e.code == "invalid_encoding":  # a lone surrogate written raw
+            assert not ensure_ascii
+            return
+        assert e.code == "json_too_deep" and levels > limit, (levels, limit, e.message)
+        assert f"more than {limit} levels" in e.message
+    else:
+        assert levels <= limit and same(parsed, doc)
