@@ -366,7 +366,8 @@ class Router:
         def forward(request: Request) -> None:
             try:
                 check_content_type(request.content_type)
-                doc = check_body(route, decode_json_body(request.body))
+                doc = check_body(route, decode_json_body(
+                    request.body, self.gateway.config.server.max_json_depth))
             except BadRequest as e:
                 return send_error(request, e.status, e.message, e.code)
             self._forward(request, route, doc, request.body)

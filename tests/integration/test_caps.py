@@ -84,6 +84,21 @@ async def test_json_nested_past_the_limit_is_a_400_naming_the_setting(mocks, gat
     await no_traceback(gw)
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_depth_limit_is_the_setting(mocks, gateway_factory):
+    a, _ = mocks
+    gw = await gateway_factory("--port", "0", "--backend", a.address,
+                               "--set", "server.max_json_depth=8")
+    client = http_client()
+    r = await within(client.post(gw.url + "/v1/chat/completions", data=nested(9),
+                                 headers=JSON), 5)
+    err = (await within(r.json(), 5))["error"]
+    assert r.code == 400 and err["code"] == "json_too_deep" and "8" in err["message"], err
+    r = await within(client.post(gw.url + "/v1/chat/completions", data=nested(8),
+                                 headers=JSON), 5)
+    assert r.code == 200, await r.text()
+
+
 # -- transfer codings (item 7)
 
 @pytest.mark.parametrize("coding", [b"gzip, chunked", b"identity, chunked", b"identity",
