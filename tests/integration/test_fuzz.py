@@ -113,6 +113,7 @@ def gateway():
     ]), env)
     try:
         gw.port = int(gw.wait_for(LISTENING).group(2))
+        gw.mock_port = mock_port
         yield gw
     finally:
         gw.stop()
@@ -134,10 +135,17 @@ METHODS = [b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"
            b"TRACE", b"PRI", b"get", b"P0ST", b"", b"GET GET"]
 TARGETS = [b"*", b"", b"/", b"//", b"/v1/chat/completions#frag", b"/%00", b"/%zz",
            b"http://", b"https://fuzz:99999/health", b"ftp://fuzz/", b"fuzz:443",
-           b"/" + b"a" * 3000, b"/health\x00", b"/h\x7fealth", b"/\xff", b"/a b"]
+           b"/" + b"a" * 3000, b"/health\x00", b"/h\x7fealth", b"/\xff", b"/a b",
+           # Paths out of normal form, encoded or not, and management routes:
+           # refused before any backend sees them (docs/security.md).
+           b"/v1/../metrics", b"/v1/%2e%2e/metrics", b"/v1/%2E%2e/admin", b"/v1/a%2fb",
+           b"/v1//models", b"/v1/./x", b"/v1/a%5c..", b"/v1/load_lora_adapter",
+           b"/v1/responses/%2e%2e/x", b"/v1/rerank;x=1"]
 VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1.2", b"http/1.1",
             b"HTTP/1.1 ", b"HTTP/11", b"HTTP/", b"", b"HTTP/1.1\x00"]
 INTERESTING_HEADERS = [
+    b"Authorization: Bearer sk-fuzz-a", b"Authorization: Bearer sk-fuzz-b", b"x-api-key: k",
+    b"X-Forwarded-For: 6.6.6.6", b"Forwarded: for=6.6.6.6", b"X-Tenant: oncall",
     b"Content-Length: 0", b"Content-Length: 5", b"Content-Length: -1", b"Content-Length: 1e3",
     b"Content-Length: 0x10", b"Content-Length: 5, 5", b"Content-Length: +5",
     b"Content-Length: 99999999999999999999999", b"Content-Length: 20001",
@@ -697,6 +705,13 @@ def test_fuzzed_requests_get_well_formed_answers(gateway):
     # After everything: still serving, and nothing went wrong on the way.
     valid_chat(gateway.port, -1)
     assert not any(s in gateway.text() for s in BAD_LOG), gateway.text()[-5000:]
+    # No path out of normal form, and no management route, reached the backend.
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.mock_port}/stats", timeout=5) as r:
+        reached = json.load(r)["by_path"]
+    odd = [p for p in reached if ".." in p or "//" in p or "%2e" in p.lower()
+           or "%2f" in p.lower() or "/./" in p or "lora" in p]
+    assert not odd, odd
     print(f"\nfuzz: {stats['examples']} examples in {took:.1f}s, slowest connection "
           f"{slowest[0]:.2f}s; " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.items())))
 
