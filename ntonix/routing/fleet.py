@@ -21,9 +21,25 @@ from ntonix.routing.breaker import CLOSED
 FRESH_SCRAPES = 3
 
 
-class Fleet:
-    def __init__(self, config: Callable[[], Config], clock: Any) -> None:
+class Settings:
+    """The settings admission reads, as in force now (a getter: SIGHUP
+    swaps the configuration). Shared by every fleet view Admission takes."""
+
+    def __init__(self, config: Callable[[], Config]) -> None:
         self._config = config
+
+    @property
+    def balancer_settings(self) -> Any:
+        return self._config().balancer
+
+    @property
+    def tenant_settings(self) -> Any:
+        return self._config().tenants
+
+
+class Fleet(Settings):
+    def __init__(self, config: Callable[[], Config], clock: Any) -> None:
+        super().__init__(config)
         self.clock = clock
         self.backends: List[Backend] = []
         self.models_known = False
@@ -32,15 +48,6 @@ class Fleet:
         self.adapters: frozenset = frozenset()
         # Who a request is (replaced on reload).
         self.identity: Optional[Identity] = None
-
-    # -- settings, as in force now
-    @property
-    def balancer_settings(self) -> Any:
-        return self._config().balancer
-
-    @property
-    def tenant_settings(self) -> Any:
-        return self._config().tenants
 
     def weight_of(self, tenant: str) -> float:
         cls = self._config().tenants.classes.get(tenant)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from twisted.logger import Logger
 
 from ntonix.routing.admission import Admission, Waiter
+from ntonix.routing.fleet import Settings
 
 log = Logger(namespace="ntonix.workers.broker")
 
@@ -79,7 +80,7 @@ class Ask:
                                   "retry_after": retry_after})
 
 
-class BrokerFleet:
+class BrokerFleet(Settings):
     """Admission's view of the gateway's backends, as the broker knows them:
     slots held per backend name, and the limits the workers sent."""
 
@@ -87,21 +88,13 @@ class BrokerFleet:
     may_wait = True
 
     def __init__(self, config: Callable[[], Any]) -> None:
-        self._config = config
+        super().__init__(config)
         self.held: Dict[str, int] = {}
         self.caps: Dict[str, int] = {}
         # Backends whose own metrics report a queue over the limit (from
         # worker 0's view, copied at each fleet sync).
         self.queue_over: frozenset = frozenset()
         self.weights: Dict[str, float] = {}
-
-    @property
-    def balancer_settings(self) -> Any:
-        return self._config().balancer
-
-    @property
-    def tenant_settings(self) -> Any:
-        return self._config().tenants
 
     def weight_of(self, tenant: str) -> float:
         return self.weights.get(tenant, 1.0)
